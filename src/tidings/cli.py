@@ -1,0 +1,114 @@
+"""The ``tidings`` command: ``serve``, ``publish``, ``subscribe``.
+
+Only this module decides exit codes: 0 success, 1 a failed request or lost connection,
+2 bad usage or configuration, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from . import __version__, config
+from .exceptions import ConfigError
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is not available on Windows
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def _banner(node: object) -> None:
+    from .server import Tidings
+
+    assert isinstance(node, Tidings)
+    url = node.url
+    s = node.settings
+    where = s.log.path if s.log.backend == "sqlite" else "memory"
+    print(
+        f"tidings {__version__} listening on {url}  (log: {s.log.backend} {where})\n"
+        f"  publish   POST {url}/channels/{{channel}}   batch: POST {url}/publish\n"
+        f"  SSE       GET  {url}/sse?channel=PATTERN[&since=CURSOR]\n"
+        f"  poll      GET  {url}/poll?channel=PATTERN[&since=CURSOR][&wait=SECONDS]\n"
+        f"  history   GET  {url}/history?channel=PATTERN[&since=CURSOR]\n"
+        f"  health    GET  {url}/healthz   metrics: {url}/metrics   API: {url}/openapi.json\n"
+        f"\n"
+        f"Try it:\n"
+        f"  curl -N '{url}/sse?channel=demo/**'\n"
+        f'  curl -d \'{{"hello": "world"}}\' {url}/channels/demo/greetings\n',
+        flush=True,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import Tidings
+
+    settings = config.load(args.config, os.environ)
+    overrides = {
+        ("server", "host"): args.host,
+        ("server", "port"): args.port,
+        ("log", "backend"): args.log,
+        ("log", "path"): args.db,
+        ("log", "durability"): args.durability,
+    }
+    for (section, key), value in overrides.items():
+        if value is not None:
+            config._apply(settings, section, key, value, "command line")
+    node = Tidings(settings)
+    _run(node.run(on_ready=_banner))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidings", description="A real-time notification hub.")
+    parser.add_argument("--version", action="version", version=f"tidings {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the hub",
+        description="Run the hub: HTTP publish, SSE, long and short polling, history. "
+        "Settings come from defaults, then the TOML file (--config or TIDINGS_CONFIG), then "
+        "TIDINGS_<SECTION>_<KEY> variables, then these options. See docs/configuration.md.",
+    )
+    serve.add_argument(
+        "--config", default=os.environ.get("TIDINGS_CONFIG"), help="TOML settings file"
+    )
+    serve.add_argument("--host", help="address to listen on (server.host, default 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, help="port to listen on (server.port, default 8080; 0 = any free)"
+    )
+    serve.add_argument(
+        "--log", choices=["sqlite", "memory"], help="history backend (log.backend, default sqlite)"
+    )
+    serve.add_argument("--db", help="SQLite file (log.path, default tidings.db)")
+    serve.add_argument(
+        "--durability", choices=["normal", "full"], help="SQLite sync level (log.durability)"
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    from .client import cli as client_cli
+
+    client_cli.add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except ConfigError as exc:
+        print(f"tidings: configuration error: {exc.detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,219 @@
+"""Settings: defaults that work with no file, then a TOML file, then ``TIDINGS_*`` variables.
+
+Rules:
+- Loaded and validated once; every problem raises ``ConfigError`` naming the key (or variable)
+  and what was wrong. Nothing here exits the process: only the CLI decides exit codes.
+- Keys are ``section.key``; the variable for ``log.max_events`` is ``TIDINGS_LOG_MAX_EVENTS``.
+- Durations are seconds, as a number or a string with a unit: ``"500ms"``, ``"15s"``, ``"5m"``,
+  ``"3h"``, ``"7d"``. Sizes are bytes, as a number or with a unit: ``"64KiB"``, ``"1MiB"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from .exceptions import ConfigError
+
+# Variables read elsewhere (by the CLI and the client), not configuration keys.
+NON_CONFIG_VARIABLES = {"TIDINGS_CONFIG", "TIDINGS_URL"}
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2,
+               "gb": 1000**3, None: 1}  # fmt: skip
+
+
+class Duration(float):
+    """Seconds; marks fields that accept duration strings."""
+
+
+class Size(int):
+    """Bytes; marks fields that accept size strings."""
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""  # how clients reach this server, for printed examples; derived if empty
+    access_log: bool = False
+    shutdown_grace: Duration = Duration(5.0)
+
+
+@dataclass
+class LogSettings:
+    backend: Literal["sqlite", "memory"] = "sqlite"
+    path: str = "tidings.db"
+    durability: Literal["normal", "full"] = "normal"
+    max_events: int = 1_000_000
+    max_age: Duration = Duration(3 * 86400)
+    idempotency_window: Duration = Duration(86400)
+    trim_interval: Duration = Duration(10.0)
+
+
+@dataclass
+class HubSettings:
+    broker: Literal["memory"] = "memory"
+    queue_size: int = 1024
+
+
+@dataclass
+class HTTPSettings:
+    max_event_bytes: Size = Size(64 * 1024)
+    max_request_bytes: Size = Size(1024 * 1024)
+    max_batch: int = 1000
+    default_limit: int = 100
+    max_limit: int = 1000
+
+
+@dataclass
+class SSESettings:
+    heartbeat: Duration = Duration(15.0)
+    retry: Duration = Duration(2.0)
+    write_timeout: Duration = Duration(30.0)
+
+
+@dataclass
+class PollSettings:
+    max_wait: Duration = Duration(60.0)
+
+
+@dataclass
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    hub: HubSettings = field(default_factory=HubSettings)
+    http: HTTPSettings = field(default_factory=HTTPSettings)
+    sse: SSESettings = field(default_factory=SSESettings)
+    poll: PollSettings = field(default_factory=PollSettings)
+
+
+_POSITIVE = {"queue_size", "max_events", "max_batch", "default_limit", "max_limit",
+             "max_event_bytes", "max_request_bytes", "heartbeat", "write_timeout", "trim_interval",
+             "max_age", "idempotency_window"}  # fmt: skip
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Convert a TOML or environment value to the field's type, or raise ConfigError."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(
+                f"{name} must be one of {', '.join(map(repr, choices))}, not {value!r}"
+            )
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{name} must be true or false, not {value!r}")
+    if hint is Duration:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        else:
+            raise ConfigError(
+                f"{name} must be a duration like 15, '500ms', '15s', '5m', '3h' or '7d'; "
+                f"got {value!r}"
+            )
+        return Duration(seconds)
+    if hint is Size:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return Size(value)
+        if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+            unit = m.group(2).lower() if m.group(2) else None
+            return Size(int(m.group(1)) * _SIZE_UNITS[unit])
+        raise ConfigError(f"{name} must be a size like 65536, '64KiB' or '1MiB'; got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+        raise ConfigError(f"{name} must be an integer, not {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be a string, not {value!r}")
+    raise ConfigError(f"{name}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _apply(settings: Settings, section: str, key: str, value: Any, where: str) -> None:
+    group = getattr(settings, section, None)
+    if group is None or not dataclasses.is_dataclass(group):
+        known = ", ".join(f.name for f in fields(Settings))
+        raise ConfigError(f"{where}: unknown section {section!r}; known sections: {known}")
+    hints = get_type_hints(type(group))
+    if key not in hints:
+        known = ", ".join(f.name for f in fields(group))
+        raise ConfigError(f"{where}: unknown key {section}.{key}; keys of [{section}]: {known}")
+    coerced = _coerce(f"{where} ({section}.{key})", hints[key], value)
+    if key in _POSITIVE and not coerced > 0:
+        raise ConfigError(f"{where} ({section}.{key}) must be greater than 0, not {value!r}")
+    setattr(group, key, coerced)
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from defaults, the TOML file at ``path`` and ``TIDINGS_*`` variables."""
+    settings = Settings()
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
+            for key, value in values.items():
+                _apply(settings, section, key, value, path)
+    env = os.environ if environ is None else environ
+    sections = {f.name for f in fields(Settings)}
+    for name, value in env.items():
+        if not name.startswith("TIDINGS_") or name in NON_CONFIG_VARIABLES:
+            continue
+        section, _, key = name[len("TIDINGS_") :].lower().partition("_")
+        if section not in sections or not key:
+            raise ConfigError(
+                f"environment variable {name}: unknown setting; variables are "
+                f"TIDINGS_<SECTION>_<KEY> with sections {', '.join(sorted(sections))}"
+            )
+        _apply(settings, section, key, value, f"environment variable {name}")
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    http = settings.http
+    if http.default_limit > http.max_limit:
+        raise ConfigError("http.default_limit must not exceed http.max_limit")
+    if http.max_event_bytes > http.max_request_bytes:
+        raise ConfigError("http.max_event_bytes must not exceed http.max_request_bytes")
+    if not 0 <= settings.server.port < 65536:
+        raise ConfigError(
+            f"server.port must be 0-65535 (0: any free port), not {settings.server.port}"
+        )
+
+
+def as_dict(settings: Settings) -> dict[str, dict[str, Any]]:
+    return {f.name: dataclasses.asdict(getattr(settings, f.name)) for f in fields(Settings)}

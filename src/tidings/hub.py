@@ -1,0 +1,288 @@
+"""The hub: the publish path, the subscriber registry, bounded per-subscriber queues, and resume.
+
+Rules:
+- Publish = validate → append to the Log (durable) → the Log's commit listener hands the new
+  events to the Broker → the Broker calls ``deliver`` on every node → ``deliver`` offers each event
+  to the matching subscriptions. Nothing on this path awaits a subscriber.
+- ``Subscription.offer`` never blocks: it appends to a bounded buffer, or reports overflow. A live
+  subscription that overflows ends as ``lagged``; its client resumes from its cursor.
+- A subscription that resumes from a cursor first catches up from the Log, page by page, while
+  live events gather in its buffer; sequence numbers discard the overlap. If the buffer overflows
+  during catch-up it is simply dropped: those events are in the Log and the next page reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .brokers import Broker
+from .events import Cursor, Draft, Event, Pattern
+from .exceptions import Unavailable
+from .log import Appended, Log
+from .metrics import Metrics
+from .routing import Router
+
+DEFAULT_QUEUE_SIZE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Where a subscription starts, and whether that continues the client's cursor exactly."""
+
+    after: int
+    recovered: bool
+    reason: str | None = None
+
+
+class Subscription:
+    """One subscriber's view of the hub: its patterns, position and bounded buffer.
+
+    Transports call ``next_batch`` (wait for events) or ``poll_batch`` (take what is there) and
+    write the batch in one go, using each event's cached wire form.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_catching_up",
+        "_hub",
+        "_overflowed",
+        "_waiter",
+        "after",
+        "ended",
+        "maxsize",
+        "patterns",
+        "reason",
+        "recovered",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        hub: Hub,
+        patterns: tuple[Pattern, ...],
+        transport: str,
+        maxsize: int,
+    ) -> None:
+        self._hub = hub
+        self.patterns = patterns
+        self.transport = transport
+        self.maxsize = maxsize
+        self.after = -1  # sequence number of the last event handed out (or the start position)
+        self.recovered = True
+        self.reason: str | None = None  # why continuity was lost, when it was
+        self.ended: str | None = None  # None while open; then "lagged", "shutdown" or "closed"
+        self._buffer: deque[Event] = deque()
+        self._catching_up = False
+        self._overflowed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def caught_up(self) -> bool:
+        """True once the subscription has read the Log up to the live edge."""
+        return not self._catching_up
+
+    @property
+    def cursor(self) -> str:
+        return f"{self._hub.log.epoch}:{self.after}"
+
+    def offer(self, event: Event) -> bool:
+        """Queue ``event`` without blocking. False means the live buffer overflowed (lagged)."""
+        if event.seq <= self.after:
+            return True
+        buffer = self._buffer
+        if len(buffer) >= self.maxsize:
+            if not self._catching_up:
+                return False
+            buffer.clear()  # still reading the Log, which has these events too
+            self._overflowed = True
+        buffer.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    def end(self, reason: str) -> None:
+        if self.ended is None:
+            self.ended = reason
+            self._buffer.clear()
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _discard_through(self, seq: int) -> None:
+        buffer = self._buffer
+        while buffer and buffer[0].seq <= seq:
+            buffer.popleft()
+
+    async def poll_batch(self, limit: int = 1000) -> list[Event]:
+        """The events available now (possibly none), at most ``limit``, in order."""
+        log = self._hub.log
+        while self._catching_up and self.ended is None:
+            self._overflowed = False
+            head = await log.head()
+            page = await log.read(self.after, self.patterns, limit)
+            if page:
+                self.after = page[-1].seq
+            if len(page) < limit and not self._overflowed:
+                # Everything up to ``head`` that matches is in ``page``; later events are
+                # in the buffer, since the buffer did not overflow meanwhile.
+                self.after = max(self.after, head)
+                self._catching_up = False
+            self._discard_through(self.after)
+            if page:
+                return page
+        if self.ended is not None:
+            return []
+        buffer = self._buffer
+        if not buffer:
+            return []
+        if len(buffer) <= limit:
+            batch = list(buffer)
+            buffer.clear()
+        else:
+            batch = [buffer.popleft() for _ in range(limit)]
+        self.after = batch[-1].seq
+        return batch
+
+    async def next_batch(self, limit: int = 1000) -> list[Event]:
+        """Wait for events and return them; ``[]`` only once the subscription has ended."""
+        while True:
+            batch = await self.poll_batch(limit)
+            if batch or self.ended is not None:
+                return batch
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def close(self) -> None:
+        self._hub.unsubscribe(self)
+
+
+class Hub:
+    def __init__(
+        self,
+        log: Log,
+        broker: Broker,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.log = log
+        self.broker = broker
+        self.queue_size = queue_size
+        self.metrics = metrics or Metrics()
+        self._router: Router[Subscription] = Router()
+        self._subscriptions: set[Subscription] = set()
+        self._running = False
+        log.listen(broker.publish)
+        broker.attach(self.deliver)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+    async def start(self) -> None:
+        await self.log.open()
+        await self.broker.start()
+        self._running = True
+
+    def drain(self) -> None:
+        """Refuse new work and end every subscription as ``shutdown`` (clients reconnect)."""
+        self._running = False
+        for sub in list(self._subscriptions):
+            self._remove(sub, "shutdown")
+
+    async def stop(self) -> None:
+        self.drain()
+        await self.broker.stop()
+        await self.log.close()
+
+    async def publish(self, drafts: Sequence[Draft]) -> list[Appended]:
+        """Append drafts to the Log; returns once they are durable. Fan-out happens on commit."""
+        if not self._running:
+            raise Unavailable("the hub is not running (starting up or shutting down)")
+        started = time.perf_counter()
+        appended = await self.log.append(drafts)
+        metrics = self.metrics
+        metrics.append_seconds.observe(time.perf_counter() - started)
+        created = sum(1 for a in appended if a.created)
+        if created:
+            metrics.published.inc(created)
+        return appended
+
+    def deliver(self, events: Sequence[Event]) -> None:
+        """Offer events to matching subscriptions (called by the Broker, in log order)."""
+        lagged: list[Subscription] = []
+        match = self._router.match
+        for event in events:
+            for sub in match(event.channel):
+                if not sub.offer(event):
+                    lagged.append(sub)
+        for sub in lagged:
+            if sub.ended is None:
+                self.metrics.lagged.labels(sub.transport).inc()
+                self._remove(sub, "lagged")
+
+    async def resolve(self, since: Cursor | None) -> Start:
+        """Where to start for a client's cursor, and whether continuity holds."""
+        log = self.log
+        head = await log.head()
+        if since is None:
+            return Start(head, True)
+        if since.epoch != log.epoch:
+            return Start(
+                head,
+                False,
+                f"cursor {since} is from another log epoch (current {log.epoch}): "
+                "the history it points into no longer exists",
+            )
+        if since.seq > head:
+            return Start(head, False, f"cursor {since} is ahead of the log's head {head}")
+        if since.seq < await log.low():
+            return Start(
+                head,
+                False,
+                f"events after cursor {since} have been removed by retention",
+            )
+        return Start(since.seq, True)
+
+    async def subscribe(
+        self, patterns: tuple[Pattern, ...], since: Cursor | None, transport: str
+    ) -> Subscription:
+        """Register a subscription starting after ``since`` (or now); see ``Subscription``."""
+        if not self._running:
+            raise Unavailable("the hub is not running (starting up or shutting down)")
+        sub = Subscription(self, patterns, transport, self.queue_size)
+        # Register before reading the head: events committed meanwhile land in the buffer.
+        sub._catching_up = True
+        for pattern in patterns:
+            self._router.add(pattern, sub)
+        self._subscriptions.add(sub)
+        self.metrics.subscribers.labels(transport).inc()
+        try:
+            start = await self.resolve(since)
+        except BaseException:
+            self.unsubscribe(sub)
+            raise
+        sub.after = start.after
+        sub.recovered = start.recovered
+        sub.reason = start.reason
+        sub._discard_through(start.after)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._remove(sub, "closed")
+
+    def _remove(self, sub: Subscription, reason: str) -> None:
+        if sub in self._subscriptions:
+            self._subscriptions.remove(sub)
+            for pattern in sub.patterns:
+                self._router.remove(pattern, sub)
+            self.metrics.subscribers.labels(sub.transport).dec()
+        sub.end(reason)

@@ -1,0 +1,182 @@
+"""The composition root: builds the log, broker, hub and HTTP app from settings, and runs them.
+
+Rules:
+- Everything runs in one event loop under one TaskGroup; ``run`` returns only when all of it has
+  stopped.
+- Shutdown (SIGINT/SIGTERM or ``request_shutdown``): stop accepting, end every subscription as
+  ``shutdown`` so streams close and clients reconnect elsewhere, let in-flight publishes commit,
+  then close the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import brokers
+from . import log as logs
+from .config import Settings
+from .hub import Hub
+from .loading import load
+from .log import Log
+from .metrics import Metrics
+from .openapi import openapi_document
+from .transports import Context, http, polling, sse
+
+logger = logging.getLogger("tidings")
+
+
+def make_log(settings: Settings) -> Log:
+    cfg = settings.log
+    factory = load(logs.BACKENDS, cfg.backend, "log backend")
+    common: dict[str, Any] = {
+        "max_events": cfg.max_events,
+        "max_age": cfg.max_age,
+        "idempotency_window": cfg.idempotency_window,
+    }
+    if cfg.backend == "sqlite":
+        common.update(path=cfg.path, durability=cfg.durability)
+    log: Log = factory(**common)
+    return log
+
+
+def make_hub(settings: Settings) -> Hub:
+    broker = load(brokers.BACKENDS, settings.hub.broker, "broker")()
+    return Hub(make_log(settings), broker, queue_size=settings.hub.queue_size, metrics=Metrics())
+
+
+def build_app(hub: Hub, settings: Settings) -> Starlette:
+    async def openapi(request: Request) -> Response:
+        return http.json_response(openapi_document())
+
+    routes = [
+        Route("/channels/{channel:path}", http.publish, methods=["POST"]),
+        Route("/publish", http.publish_batch, methods=["POST"]),
+        Route("/history", http.history, methods=["GET"]),
+        Route("/poll", polling.poll, methods=["GET"]),
+        Route("/sse", sse.stream, methods=["GET"]),
+        Route("/healthz", http.healthz, methods=["GET"]),
+        Route("/metrics", http.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers=http.exception_handlers)
+    app.state.tidings = Context(hub, settings)
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handling: ``Tidings`` owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class Tidings:
+    """One tidings node: ``await Tidings(settings).run()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.hub = make_hub(settings)
+        self.app = build_app(self.hub, settings)
+        self.socket: socket.socket | None = None
+        self._server: _Server | None = None
+        self._stopping = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        assert self.socket is not None, "not bound yet"
+        port: int = self.socket.getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        if self.settings.server.public_url:
+            return self.settings.server.public_url.rstrip("/")
+        host = self.settings.server.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown (call on the event loop's thread)."""
+        if self._server is not None:
+            if self._server.should_exit:
+                self._server.force_exit = True
+            self._server.should_exit = True
+        self.hub.drain()
+        self._stopping.set()
+
+    async def run(self, on_ready: Callable[[Tidings], None] | None = None) -> None:
+        server_cfg = self.settings.server
+        self.socket = bind(server_cfg.host, server_cfg.port)
+        config = uvicorn.Config(
+            self.app,
+            http="httptools",
+            lifespan="off",
+            access_log=server_cfg.access_log,
+            log_level="warning",
+            timeout_graceful_shutdown=max(1, int(server_cfg.shutdown_grace)),
+            server_header=False,
+        )
+        self._server = _Server(config)
+        loop = asyncio.get_running_loop()
+        signals = threading.current_thread() is threading.main_thread()
+        if signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.request_shutdown)
+        await self.hub.start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._trim_loop())
+                serving = tasks.create_task(self._server.serve(sockets=[self.socket]))
+                if on_ready is not None:
+                    on_ready(self)  # the socket already listens: early connections queue
+                await serving
+                self._stopping.set()
+        finally:
+            if signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+            await self.hub.stop()
+            self.socket.close()
+
+    async def _trim_loop(self) -> None:
+        interval = self.settings.log.trim_interval
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._stopping.wait()
+            if self._stopping.is_set():
+                return
+            try:
+                removed = await self.hub.log.trim()
+            except Exception:  # a failed trim is retried next interval; the hub keeps serving
+                logger.exception("trimming the log failed")
+            else:
+                if removed:
+                    logger.debug("retention removed %d events", removed)

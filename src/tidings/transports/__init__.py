@@ -1,0 +1,110 @@
+"""Transports: each module turns one protocol into calls on the hub, and nothing more.
+
+Shared here: the per-server context every HTTP route reads, and the parsing of the query
+parameters all subscribe endpoints share (``channel`` repeatable, ``since``, ``limit``, ``wait``),
+so one URL shape serves every subscribe endpoint and every one rejects input the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
+
+from ..config import Settings
+from ..events import Cursor, Pattern, parse_patterns
+from ..exceptions import InvalidCursor, InvalidParameter
+from ..hub import Hub
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    hub: Hub
+    settings: Settings
+
+
+def context(request: Request) -> Context:
+    ctx: Context = request.app.state.tidings
+    return ctx
+
+
+class Query:
+    """The query string of one request, checked against the parameters its endpoint accepts."""
+
+    def __init__(self, request: Request, allowed: tuple[str, ...]) -> None:
+        self.params: QueryParams = request.query_params
+        unknown = sorted(set(self.params.keys()) - set(allowed))
+        if unknown:
+            raise InvalidParameter(
+                f"unknown query parameter {unknown[0]!r}; this endpoint accepts: "
+                + ", ".join(allowed)
+            )
+
+    def one(self, name: str) -> str | None:
+        values = self.params.getlist(name)
+        if len(values) > 1:
+            raise InvalidParameter(f"query parameter {name!r} was given {len(values)} times")
+        return values[0] if values else None
+
+    def patterns(self) -> tuple[Pattern, ...]:
+        values = self.params.getlist("channel")
+        if not values:
+            raise InvalidParameter(
+                "query parameter 'channel' is required (a channel or pattern; repeat it for more)"
+            )
+        if len(values) > 64:
+            raise InvalidParameter(f"at most 64 channel parameters, not {len(values)}")
+        return parse_patterns(values)
+
+    def cursor(self, name: str = "since") -> Cursor | None:
+        value = self.one(name)
+        return None if value is None else Cursor.parse(value)
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.one(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise InvalidParameter(
+                f"query parameter {name!r} must be an integer, not {value[:40]!r}"
+            ) from None
+        if not low <= number <= high:
+            raise InvalidParameter(
+                f"query parameter {name!r} must be between {low} and {high}, not {number}"
+            )
+        return number
+
+    def seconds(self, name: str, default: float, high: float) -> float:
+        value = self.one(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise InvalidParameter(
+                f"query parameter {name!r} must be a number of seconds, not {value[:40]!r}"
+            ) from None
+        if not math.isfinite(number) or not 0 <= number <= high:
+            raise InvalidParameter(
+                f"query parameter {name!r} must be between 0 and {high:g} seconds, not {value[:40]}"
+            )
+        return number
+
+
+def resume_cursor(query: Query, header: str | None) -> Cursor | None:
+    """A resume cursor from a header (``Last-Event-ID``, ``If-None-Match``) or ``since``.
+
+    The header wins: a browser reconnecting an ``EventSource`` sends ``Last-Event-ID`` with the
+    URL it first used, whose ``since`` is older.
+    """
+    since = query.cursor()
+    if header is None or not header.strip():
+        return since
+    try:
+        return Cursor.parse(header.strip())
+    except InvalidCursor as exc:
+        raise InvalidCursor(f"{exc.detail} (from a request header)") from None

@@ -1,0 +1,69 @@
+"""HTTP polling: ``GET /poll`` answers at once (short poll) or holds until events (long poll).
+
+Rules:
+- The cursor comes from ``since``, else from ``If-None-Match`` (the ETag of the previous answer).
+- Without either, polling starts at the head: the first answer is empty and carries the cursor.
+- ``wait=<seconds>`` (up to ``poll.max_wait``) holds the request on a hub subscription until a
+  matching event arrives or the time is up; a held request costs a registry entry and a future,
+  no loop.
+- With ``If-None-Match`` and nothing new, the answer is ``304 Not Modified``.
+- A cursor the hub cannot continue from answers at once with ``recovered: false``, no events, and
+  the current head as ``cursor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..events import Cursor
+from . import Query, context
+from .http import json_response, page_body
+
+
+def etag_cursor(value: str | None) -> Cursor | None:
+    """The cursor in an ``If-None-Match`` header (RFC 9110 §13.1.2), or None for ``*``/absent."""
+    if value is None:
+        return None
+    tag = value.split(",")[0].strip()
+    if tag.startswith("W/"):
+        tag = tag[2:]
+    tag = tag.strip('"')
+    if not tag or tag == "*":
+        return None
+    return Cursor.parse(tag)
+
+
+async def poll(request: Request) -> Response:
+    ctx = context(request)
+    settings = ctx.settings
+    query = Query(request, ("channel", "since", "limit", "wait"))
+    patterns = query.patterns()
+    limit = query.integer("limit", settings.http.default_limit, 1, settings.http.max_limit)
+    wait = query.seconds("wait", 0.0, settings.poll.max_wait)
+    since = query.cursor()
+    validator = None
+    if since is None:
+        since = validator = etag_cursor(request.headers.get("if-none-match"))
+    transport = "longpoll" if wait > 0 else "poll"
+    hub = ctx.hub
+    sub = await hub.subscribe(patterns, since, transport)
+    try:
+        events = await sub.poll_batch(limit)
+        if not events and wait > 0 and sub.recovered:
+            try:
+                async with asyncio.timeout(wait):
+                    events = await sub.next_batch(limit)
+            except TimeoutError:
+                pass
+        more = not sub.caught_up
+    finally:
+        sub.close()
+    if events:
+        hub.metrics.delivered.labels(transport).inc(len(events))
+    headers = {"ETag": f'"{sub.cursor}"', "Cache-Control": "no-cache"}
+    if validator is not None and not events and sub.recovered:
+        return Response(status_code=304, headers=headers)
+    return json_response(page_body(events, sub, more), headers=headers)
