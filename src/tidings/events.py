@@ -32,8 +32,11 @@ DEFAULT_TYPE = "message"
 _SEGMENT = re.compile(r"[A-Za-z0-9_.:-]+")
 _TYPE = re.compile(r"[A-Za-z0-9_.:/-]+")
 _EPOCH = re.compile(r"[a-z0-9]{1,32}")
+_SEQ = re.compile(r"[0-9]{1,19}")  # ASCII digits only; str.isdigit() accepts "²" and "١"
+MAX_SEQ = 2**63 - 1  # SQLite INTEGER
 # RFC 9110 §8.3.1 media type: type "/" subtype, then parameters we keep verbatim.
-_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;.*)?")
+# Parameters are printable ASCII only: no control characters that could split a header.
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+( *;[\x20-\x7e]*)?")
 
 
 def _segments(name: str, what: str, error: type[InvalidChannel | InvalidPattern]) -> list[str]:
@@ -151,7 +154,7 @@ class Cursor:
     @classmethod
     def parse(cls, text: str) -> Cursor:
         epoch, sep, seq = text.partition(":")
-        if not sep or not _EPOCH.fullmatch(epoch) or not seq.isdigit() or len(seq) > 19:
+        if not sep or not _EPOCH.fullmatch(epoch) or not _SEQ.fullmatch(seq) or int(seq) > MAX_SEQ:
             raise InvalidCursor(
                 f"cursor {text[:80]!r} is not valid: expected 'epoch:sequence' "
                 "as returned in an event's id"
@@ -336,8 +339,10 @@ def encode_envelope(event: Event) -> bytes:
     data = event.data
     if is_json_type(event.content_type):
         if b"\n" in data or b"\r" in data:
-            # Keep envelopes on one line (SSE and line-delimited consumers rely on it).
-            data = orjson.dumps(orjson.loads(data))
+            # Keep envelopes on one line (SSE and line-delimited consumers rely on it). In valid
+            # JSON a raw CR or LF can only be whitespace between tokens (RFC 8259 §2, §7), so
+            # blanking them changes nothing, unlike a re-encode that would round big numbers.
+            data = data.replace(b"\r", b" ").replace(b"\n", b" ")
         return orjson.dumps(head)[:-1] + b',"data":' + data.strip() + b"}"
     if is_text_type(event.content_type):
         head["data"] = data.decode("utf-8")

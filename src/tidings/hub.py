@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .brokers import Broker
@@ -36,13 +36,16 @@ class Start:
     after: int
     recovered: bool
     reason: str | None = None
+    head: int = 0  # the log's head when this was decided
 
 
 class Subscription:
     """One subscriber's view of the hub: its patterns, position and bounded buffer.
 
     Transports call ``next_batch`` (wait for events) or ``poll_batch`` (take what is there) and
-    write the batch in one go, using each event's cached wire form.
+    write the batch in one go, using each event's cached wire form. A transport that writes from
+    a protocol callback instead of a task sets ``wakeup``: it is called (on the loop, inside the
+    publish path, so it must only schedule work) when the buffer goes from empty to non-empty.
     """
 
     __slots__ = (
@@ -58,6 +61,7 @@ class Subscription:
         "reason",
         "recovered",
         "transport",
+        "wakeup",
     )
 
     def __init__(
@@ -79,6 +83,7 @@ class Subscription:
         self._catching_up = False
         self._overflowed = False
         self._waiter: asyncio.Future[None] | None = None
+        self.wakeup: Callable[[], None] | None = None
 
     @property
     def caught_up(self) -> bool:
@@ -100,18 +105,22 @@ class Subscription:
             buffer.clear()  # still reading the Log, which has these events too
             self._overflowed = True
         buffer.append(event)
+        if len(buffer) == 1:
+            self._wake()
+        return True
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        return True
+        if self.wakeup is not None:
+            self.wakeup()
 
     def end(self, reason: str) -> None:
         if self.ended is None:
             self.ended = reason
             self._buffer.clear()
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            self._wake()
 
     def _discard_through(self, seq: int) -> None:
         buffer = self._buffer
@@ -123,8 +132,19 @@ class Subscription:
         log = self._hub.log
         while self._catching_up and self.ended is None:
             self._overflowed = False
+            before = self.after
             head = await log.head()
-            page = await log.read(self.after, self.patterns, limit)
+            page = await log.read(before, self.patterns, limit)
+            if await log.low() > before:
+                # Retention removed events this subscription had yet to read: say so, never
+                # hand out a partial replay. The client resumes and is told recovered=false.
+                self.recovered = False
+                self.reason = (
+                    f"events after cursor {log.epoch}:{before} were removed by retention "
+                    "before this subscriber could read them"
+                )
+                self._hub.lag(self)
+                return []
             if page:
                 self.after = page[-1].seq
             if len(page) < limit and not self._overflowed:
@@ -225,32 +245,38 @@ class Hub:
                 if not sub.offer(event):
                     lagged.append(sub)
         for sub in lagged:
-            if sub.ended is None:
-                self.metrics.lagged.labels(sub.transport).inc()
-                self._remove(sub, "lagged")
+            self.lag(sub)
+
+    def lag(self, sub: Subscription) -> None:
+        """End ``sub`` as lagged: it fell behind; its client resumes from its cursor."""
+        if sub.ended is None:
+            self.metrics.lagged.labels(sub.transport).inc()
+            self._remove(sub, "lagged")
 
     async def resolve(self, since: Cursor | None) -> Start:
         """Where to start for a client's cursor, and whether continuity holds."""
         log = self.log
         head = await log.head()
         if since is None:
-            return Start(head, True)
+            return Start(head, True, None, head)
         if since.epoch != log.epoch:
             return Start(
                 head,
                 False,
                 f"cursor {since} is from another log epoch (current {log.epoch}): "
                 "the history it points into no longer exists",
+                head,
             )
         if since.seq > head:
-            return Start(head, False, f"cursor {since} is ahead of the log's head {head}")
+            return Start(head, False, f"cursor {since} is ahead of the log's head {head}", head)
         if since.seq < await log.low():
             return Start(
                 head,
                 False,
                 f"events after cursor {since} have been removed by retention",
+                head,
             )
-        return Start(since.seq, True)
+        return Start(since.seq, True, None, head)
 
     async def subscribe(
         self, patterns: tuple[Pattern, ...], since: Cursor | None, transport: str
@@ -274,6 +300,10 @@ class Hub:
         sub.recovered = start.recovered
         sub.reason = start.reason
         sub._discard_through(start.after)
+        # Starting at the head there is nothing to read: live at once, so the queue bound
+        # applies from the first event (a subscriber that never reads lags, it is not buffered
+        # as "catching up" forever).
+        sub._catching_up = start.after < start.head
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

@@ -41,8 +41,8 @@ class Router(Generic[S]):
         node = self._root
         for segment in pattern.segments:
             if segment == "**":
+                self._count += sub not in node.rest
                 node.rest[sub] = None
-                self._count += 1
                 return
             if segment == "*":
                 if node.star is None:
@@ -53,8 +53,8 @@ class Router(Generic[S]):
                 if child is None:
                     child = node.children[segment] = _Node()
                 node = child
+        self._count += sub not in node.subs
         node.subs[sub] = None
-        self._count += 1
 
     def remove(self, pattern: Pattern, sub: S) -> None:
         path: list[tuple[_Node[S], str]] = []

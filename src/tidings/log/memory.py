@@ -94,6 +94,7 @@ class MemoryLog:
         max_events: int = 100_000,
         max_age: float = 3 * 86_400,
         idempotency_window: float = 86_400,
+        max_bytes: int = 256 * 1024 * 1024,
         epoch: str | None = None,
     ) -> None:
         self._epoch = epoch or new_epoch()
@@ -103,6 +104,7 @@ class MemoryLog:
         self._bytes = 0
         self._max_events = max_events
         self._max_age = max_age
+        self._max_bytes = max_bytes  # memory is the one resource this log cannot spill to disk
         self._idempotency_window = idempotency_window
         self._keys: dict[tuple[str, str], Event] = {}
         self._consumers: dict[str, int] = {}
@@ -142,6 +144,8 @@ class MemoryLog:
             self._tail.extend(new)
             if len(self._tail) > self._max_events:
                 self._drop(len(self._tail) - self._max_events)
+            while self._bytes > self._max_bytes and len(self._tail) > 1:
+                self._drop(1)
             for listener in self._listeners:
                 listener(new)
         return out
