@@ -47,11 +47,11 @@ def patterns(*texts: str) -> tuple[Pattern, ...]:
     return parse_patterns(texts)
 
 
-async def publish(hub: Hub, channel: str, n: int = 1, **kwargs: object) -> list[Event]:
+async def publish(hub: Hub, channel: str, n: int = 1, type: str | None = None) -> list[Event]:
     """Publish ``n`` events on ``channel`` one call each; return the logged events."""
     events = []
     for _ in range(n):
-        [appended] = await hub.publish([make_draft(channel, b'{"n": 1}', **kwargs)])  # type: ignore[arg-type]
+        [appended] = await hub.publish([make_draft(channel, b'{"n": 1}', type=type)])
         events.append(appended.event)
     return events
 
@@ -211,8 +211,8 @@ async def test_resume_with_live_events_buffered_before_the_first_read(hub: Hub) 
 class HookedLog(MemoryLog):
     """A MemoryLog that runs a hook around the hub's reads: a deterministic "meanwhile"."""
 
-    def __init__(self, **kwargs: float) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self) -> None:
+        super().__init__()
         self.hook: Callable[[str], Awaitable[None]] | None = None
 
     async def _run(self, point: str) -> None:
@@ -275,6 +275,35 @@ async def test_resume_is_exact_when_events_are_published_during_catch_up(
     expected = [e.seq for e in await log.read(10, patterns("orders/**"), 1_000_000)]
     assert seqs(got) == expected
     assert got[-1].seq == final[0].seq
+
+
+@pytest.mark.parametrize("resume_at_head", [False, True], ids=["no-cursor", "cursor-at-head"])
+async def test_overflow_while_a_subscription_starts_loses_nothing(
+    make_hub: MakeHub, resume_at_head: bool
+) -> None:
+    # A log whose head() answers and then lets others run (a network round trip, as with a
+    # remote log): events committed meanwhile overflow the tiny buffer before subscribe()
+    # returns. They are newer than the start position, so they must still all arrive.
+    log = HookedLog()
+    hub = await make_hub(log, queue_size=2)
+    await publish(hub, "a", 3)
+    fired = False
+
+    async def meanwhile(point: str) -> None:
+        nonlocal fired
+        if point == "after head" and not fired:
+            fired = True
+            await publish(hub, "a", 5)
+
+    log.hook = meanwhile
+    since = Cursor(log.epoch, 3) if resume_at_head else None
+    sub = await hub.subscribe(patterns("a"), since, "sse")
+    assert fired
+    assert sub.recovered is True
+    start = Cursor.parse(sub.cursor).seq
+    got = await drain(sub)
+    assert seqs(got) == list(range(start + 1, await log.head() + 1))
+    assert sub.ended is None
 
 
 async def test_resume_spanning_many_pages_with_a_tiny_queue_is_exact(make_hub: MakeHub) -> None:
@@ -442,7 +471,9 @@ async def test_pattern_subscriptions_resume_with_one_cursor(hub: Hub) -> None:
         "orders/2",
         "orders/2/items/3",
     }
-    assert seqs(got) == [e.seq for e in await hub.log.read(7, None, 100) if e.channel != "invoices/1"]
+    assert seqs(got) == [
+        e.seq for e in await hub.log.read(7, None, 100) if e.channel != "invoices/1"
+    ]
 
     both = await hub.subscribe(patterns("orders/*", "orders/**", "invoices/*"), since, "sse")
     got = await drain(both)

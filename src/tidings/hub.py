@@ -302,8 +302,8 @@ class Hub:
         sub._discard_through(start.after)
         # Starting at the head there is nothing to read: live at once, so the queue bound
         # applies from the first event (a subscriber that never reads lags, it is not buffered
-        # as "catching up" forever).
-        sub._catching_up = start.after < start.head
+        # as "catching up" forever) - unless the buffer overflowed while ``resolve`` waited.
+        sub._catching_up = start.after < start.head or sub._overflowed
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

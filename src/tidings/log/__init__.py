@@ -18,6 +18,7 @@ Contract (checked by ``tests/contracts/test_log.py`` against every implementatio
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +26,18 @@ from typing import Protocol
 from ..events import Draft, Event, Pattern
 
 CommitListener = Callable[[Sequence[Event]], None]
+
+logger = logging.getLogger("tidings.log")
+
+
+def notify(listeners: Sequence[CommitListener], events: Sequence[Event]) -> None:
+    """Call every commit listener. The events are committed whatever a listener does, so a
+    failing listener is logged and never fails the append (or wedges the log's writer)."""
+    for listener in listeners:
+        try:
+            listener(events)
+        except Exception:
+            logger.exception("commit listener %r failed", listener)
 
 
 @dataclass(frozen=True, slots=True)

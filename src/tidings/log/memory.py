@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from ..events import Draft, Event, Pattern
-from . import Appended, CommitListener, LogStats
+from . import Appended, CommitListener, LogStats, notify
 
 
 def new_epoch() -> str:
@@ -146,8 +146,7 @@ class MemoryLog:
                 self._drop(len(self._tail) - self._max_events)
             while self._bytes > self._max_bytes and len(self._tail) > 1:
                 self._drop(1)
-            for listener in self._listeners:
-                listener(new)
+            notify(self._listeners, new)
         return out
 
     def _drop(self, count: int) -> None:

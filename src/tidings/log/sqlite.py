@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from ..events import Draft, Event, Pattern
 from ..exceptions import ConfigError
-from . import Appended, CommitListener, LogStats
+from . import Appended, CommitListener, LogStats, notify
 from .memory import Tail, new_epoch, select
 
 T = TypeVar("T")
@@ -199,8 +199,7 @@ class SQLiteLog:
                 if new:
                     self._head = new[-1].seq
                     self._cache(new)
-                    for listener in self._listeners:
-                        listener(new)
+                    notify(self._listeners, new)
                 for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
