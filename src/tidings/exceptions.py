@@ -10,8 +10,6 @@ The tree::
     │   ├── InvalidEvent            event type, content type or data is unacceptable
     │   └── InvalidParameter        an unknown, missing or out-of-range query parameter
     ├── PayloadTooLarge             413 — a body over the configured limit
-    ├── Conflict                    409 — an idempotency key reused for a different event
-    ├── Lagged                      a subscriber overflowed its queue; resume from its cursor
     ├── Unavailable                 503 — the hub is shutting down or not started
     └── ConfigError                 configuration is invalid (the CLI turns it into exit code 2)
 
@@ -59,16 +57,6 @@ class InvalidParameter(BadRequest):
 class PayloadTooLarge(TidingsError):
     status = 413
     code = "payload_too_large"
-
-
-class Conflict(TidingsError):
-    status = 409
-    code = "conflict"
-
-
-class Lagged(TidingsError):
-    status = 409
-    code = "lagged"
 
 
 class Unavailable(TidingsError):

@@ -91,6 +91,11 @@ class Subscription:
         return not self._catching_up
 
     @property
+    def backlog(self) -> int:
+        """Live events waiting in the buffer."""
+        return len(self._buffer)
+
+    @property
     def cursor(self) -> str:
         return f"{self._hub.log.epoch}:{self.after}"
 

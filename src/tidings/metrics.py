@@ -14,9 +14,6 @@ class Metrics:
         self.published = Counter(
             "tidings_published_events", "Events appended to the log by publishes", registry=r
         )
-        self.publish_requests = Counter(
-            "tidings_publish_requests", "Publish requests by outcome", ["outcome"], registry=r
-        )
         self.delivered = Counter(
             "tidings_delivered_events", "Events handed to subscribers", ["transport"], registry=r
         )
@@ -38,7 +35,9 @@ class Metrics:
         self.log_events = Gauge("tidings_log_events", "Events held in history", registry=r)
         self.log_head = Gauge("tidings_log_head_sequence", "Last sequence number", registry=r)
         self.log_bytes = Gauge(
-            "tidings_log_data_bytes", "Bytes of event data in history", registry=r
+            "tidings_log_data_bytes",
+            "Bytes of history: event data (memory), file + WAL (SQLite)",
+            registry=r,
         )
         for transport in TRANSPORTS:
             self.delivered.labels(transport)

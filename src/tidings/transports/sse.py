@@ -7,6 +7,8 @@ Wire format (docs/sse.md):
 - Then one block per event: ``id:`` cursor, ``event:`` type (omitted for ``message``), ``data:``
   the JSON envelope. Events pending for one subscriber go out in one write.
 - A ``: ping`` comment every ``sse.heartbeat`` seconds.
+- While the server shuts down, a new request gets only ``retry:`` advice and an empty stream, so
+  browsers reconnect (to this node once it is back, or another).
 - A subscriber that overflows its queue gets ``event: tidings.lagged`` and the stream ends; the
   browser reconnects with ``Last-Event-ID`` and resumes. A client that does not take a write
   within ``sse.write_timeout`` is dropped.
@@ -24,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from .. import sse
 from ..config import SSESettings
+from ..exceptions import Unavailable
 from ..hub import Subscription
 from ..metrics import Metrics
 from . import Query, context, resume_cursor
@@ -43,7 +46,13 @@ async def stream(request: Request) -> Response:
     query = Query(request, ("channel", "since"))
     patterns = query.patterns()
     since = resume_cursor(query, request.headers.get("last-event-id"))
-    sub = await ctx.hub.subscribe(patterns, since, "sse")
+    try:
+        sub = await ctx.hub.subscribe(patterns, since, "sse")
+    except Unavailable:
+        # An EventSource gives up for good on an error status, but reconnects after a stream
+        # that ends: while shutting down, answer with retry advice and an empty stream.
+        retry = b"retry: %d\n\n" % int(ctx.settings.sse.retry * 1000)  # no data: no event
+        return Response(retry, headers=dict((k.decode(), v.decode()) for k, v in HEADERS))
     return EventStream(sub, ctx.settings.sse, ctx.hub.metrics)
 
 
