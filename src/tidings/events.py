@@ -28,6 +28,7 @@ MAX_SEGMENTS = 32
 MAX_TYPE_LENGTH = 128
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 DEFAULT_TYPE = "message"
+RESERVED_TYPE_PREFIX = "tidings."  # control events (SSE tidings.subscribed, tidings.lagged)
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_.:-]+")
 _TYPE = re.compile(r"[A-Za-z0-9_.:/-]+")
@@ -213,6 +214,11 @@ def make_draft(
         raise InvalidEvent(
             f"event type {event_type[:80]!r} is not valid: 1-{MAX_TYPE_LENGTH} characters "
             "of A-Z a-z 0-9 _ . : / -"
+        )
+    if event_type.startswith(RESERVED_TYPE_PREFIX):
+        raise InvalidEvent(
+            f"event type {event_type[:80]!r} is reserved: types starting with "
+            f"{RESERVED_TYPE_PREFIX!r} are the server's own control messages"
         )
     if content_type is None or not content_type.strip():
         content_type = sniff_content_type(data)

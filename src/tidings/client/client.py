@@ -1,0 +1,190 @@
+"""``Client``: publish over HTTP, subscribe over any transport with automatic resume."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, NotRequired, Self, TypedDict
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from .errors import ProtocolError, check, unreachable
+from .model import batch_item, encode_data, parse_json
+from .subscription import Subscription
+from .transport import SubscribeOptions, Via, transport_factory
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class BatchEvent(TypedDict):
+    """One event for ``Client.publish_batch``; fields as the arguments of ``Client.publish``."""
+
+    channel: str
+    data: object
+    type: NotRequired[str | None]
+    content_type: NotRequired[str | None]
+    idempotency_key: NotRequired[str | None]
+
+
+def check_url(url: str) -> str:
+    """``url`` without a trailing slash; ``ValueError`` unless it is an http(s) URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL of a tidings server")
+    return url.rstrip("/")
+
+
+def _segment(segment: str) -> str:
+    if segment in (".", ".."):
+        return segment.replace(".", "%2E")  # else URL normalisation would remove the segment
+    return quote(segment, safe=":")
+
+
+def channel_path(channel: str) -> str:
+    # Percent-encode each segment so the server sees the channel exactly as given, and rejects
+    # it by name if it is invalid, rather than a path rewritten on the way.
+    return "/channels/" + "/".join(_segment(s) for s in channel.split("/"))
+
+
+class Client:
+    """An async client for one tidings server::
+
+        async with Client("http://127.0.0.1:8080") as client:
+            event = await client.publish("orders/42", {"status": "paid"})
+            async for item in client.subscribe(["orders/**"], since=event["id"]):
+                ...
+
+    ``timeout`` bounds connecting and each request, in seconds (long polls get ``wait`` more);
+    ``idle_timeout`` is how long an SSE stream may stay silent, without even a ping, before it
+    is reconnected. ``transport`` is an httpx transport, for tests and custom networking.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout: float = 10.0,
+        idle_timeout: float = 45.0,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = check_url(url)
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=timeout, headers=headers, transport=transport
+        )
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every subscription of this client and its connections."""
+        for subscription in list(self._subscriptions):
+            await subscription.aclose()
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise unreachable(self.url, exc) from exc
+        await check(response)
+        return parse_json(response.content, f"the answer to {method} {path}")
+
+    async def publish(
+        self,
+        channel: str,
+        data: object,
+        *,
+        type: str | None = None,
+        content_type: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Publish one event; returns its CloudEvents envelope once the event is in history.
+
+        ``data``: ``bytes`` are sent as they are (the server recognises JSON or UTF-8 text when
+        ``content_type`` is not given, else they are ``application/octet-stream``); ``str`` is
+        sent as ``text/plain``; anything else is serialised as JSON. Raises ``RequestRejected``
+        (invalid channel, type or data, a reused idempotency key…) or ``ServerUnavailable``;
+        publishing again after the latter is safe with an ``idempotency_key``.
+        """
+        body, declared = encode_data(data, content_type)
+        headers = {}
+        if declared is not None:
+            headers["Content-Type"] = declared
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        params = {} if type is None else {"type": type}
+        envelope = await self._request(
+            "POST", channel_path(channel), content=body, headers=headers, params=params
+        )
+        if not isinstance(envelope, dict):
+            raise ProtocolError("protocol", "the publish answer is not an event envelope")
+        return envelope
+
+    async def publish_batch(self, events: Iterable[BatchEvent]) -> list[dict[str, Any]]:
+        """Publish events atomically, in order; returns their envelopes in the same order.
+
+        Each event's data is sent as ``publish`` sends it, except that ``bytes`` without a
+        ``content_type`` are ``application/octet-stream``.
+        """
+        items = [
+            batch_item(
+                e["channel"],
+                e["data"],
+                type=e.get("type"),
+                content_type=e.get("content_type"),
+                idempotency_key=e.get("idempotency_key"),
+            )
+            for e in events
+        ]
+        answer = await self._request("POST", "/publish", json={"events": items})
+        if not isinstance(answer, dict) or not isinstance(answer.get("events"), list):
+            raise ProtocolError("protocol", "the batch publish answer has no events list")
+        envelopes: list[dict[str, Any]] = answer["events"]
+        return envelopes
+
+    def subscribe(
+        self,
+        patterns: str | Sequence[str],
+        *,
+        via: Via = "sse",
+        since: str | None = None,
+        poll_interval: float = 1.0,
+        wait: float = 30.0,
+        limit: int | None = None,
+    ) -> Subscription:
+        """Events on channels matching ``patterns``, after ``since`` (default: from now on).
+
+        Returns a ``Subscription``: an async iterator of ``ReceivedEvent`` and
+        ``ContinuityLost`` items that reconnects and resumes by itself (see its docstring).
+        ``via`` picks the transport: ``"sse"`` (one long-lived stream), ``"longpoll"`` (requests
+        the server holds up to ``wait`` seconds) or ``"poll"`` (a request every
+        ``poll_interval`` seconds once caught up). ``limit`` caps events per polling answer.
+        """
+        if isinstance(patterns, str):
+            patterns = (patterns,)
+        options = SubscribeOptions(
+            patterns=tuple(patterns),
+            timeout=self.timeout,
+            idle_timeout=self.idle_timeout,
+            poll_interval=poll_interval,
+            wait=wait,
+            limit=limit,
+        )
+        transport = transport_factory(via)(self._http, options)
+        subscription = Subscription(transport, since)
+        self._subscriptions.add(subscription)
+        return subscription

@@ -1,0 +1,59 @@
+"""The seam between the resuming subscription and the wire: one small class per transport.
+
+A transport turns one connection into a stream of ``Position`` and ``ReceivedEvent`` items:
+
+- ``stream(cursor)`` connects, resuming after ``cursor`` (``None``: start at the live edge),
+  and yields a ``Position`` as soon as the server has said where it starts (with ``recovered``
+  false when it could not continue from ``cursor``), then events in order, and more
+  ``Position`` items whenever the cursor moves without an event (polling past other channels).
+- It returns when the server ends the connection normally, and raises ``httpx.TransportError``
+  or ``ServerUnavailable`` when the connection fails: in all these cases the subscription
+  reconnects. ``RequestRejected`` and ``ProtocolError`` end the subscription.
+- It keeps no state across ``stream`` calls: the subscription owns the cursor and the backoff.
+
+Transports are registered by name as import strings, so one that needs an optional package
+(WebSocket, gRPC) is imported only when chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import httpx
+
+from ..loading import load
+from .model import Position, ReceivedEvent
+
+Via = Literal["sse", "longpoll", "poll"]
+Item = Position | ReceivedEvent
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeOptions:
+    patterns: tuple[str, ...]
+    timeout: float = 10.0  # connect and write, seconds
+    idle_timeout: float = 45.0  # a stream silent this long (no event, no ping) is reconnected
+    poll_interval: float = 1.0  # short polling: pause between polls once caught up
+    wait: float = 30.0  # long polling: how long the server holds a request
+    limit: int | None = None  # events per page (polling); None: the server's default
+
+
+class Transport(Protocol):
+    def stream(self, cursor: str | None) -> AsyncGenerator[Item, None]: ...
+
+
+TransportFactory = Callable[[httpx.AsyncClient, SubscribeOptions], Transport]
+
+TRANSPORTS = {
+    "sse": "tidings.client.sse:SSETransport",
+    "longpoll": "tidings.client.polling:LongPollTransport",
+    "poll": "tidings.client.polling:PollTransport",
+}
+
+
+def transport_factory(via: str) -> TransportFactory:
+    """The transport class registered as ``via``; ``ConfigError`` naming the choices if none."""
+    factory: TransportFactory = load(TRANSPORTS, via, "client transport")
+    return factory
