@@ -11,6 +11,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -135,6 +136,9 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
                 f"{name} must be a duration like 15, '500ms', '15s', '5m', '3h' or '7d'; "
                 f"got {value!r}"
             )
+        # TOML has nan and inf; neither is a usable timeout, and no duration is negative.
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ConfigError(f"{name} must be a finite, non-negative duration; got {value!r}")
         return Duration(seconds)
     if hint is Size:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -168,6 +172,13 @@ def _apply(settings: Settings, section: str, key: str, value: Any, where: str) -
     coerced = _coerce(f"{where} ({section}.{key})", hints[key], value)
     if key in _POSITIVE and not coerced > 0:
         raise ConfigError(f"{where} ({section}.{key}) must be greater than 0, not {value!r}")
+    # Checked here rather than in ``_check`` so command-line overrides are checked too.
+    if (section, key) == ("server", "port") and not 0 <= coerced < 65536:
+        raise ConfigError(
+            f"{where} (server.port) must be 0-65535 (0: any free port), not {value!r}"
+        )
+    if (section, key) == ("log", "path") and not coerced.strip():
+        raise ConfigError(f"{where} (log.path) must name a file, not {value!r}")
     setattr(group, key, coerced)
 
 
@@ -209,10 +220,6 @@ def _check(settings: Settings) -> None:
         raise ConfigError("http.default_limit must not exceed http.max_limit")
     if http.max_event_bytes > http.max_request_bytes:
         raise ConfigError("http.max_event_bytes must not exceed http.max_request_bytes")
-    if not 0 <= settings.server.port < 65536:
-        raise ConfigError(
-            f"server.port must be 0-65535 (0: any free port), not {settings.server.port}"
-        )
 
 
 def as_dict(settings: Settings) -> dict[str, dict[str, Any]]:

@@ -56,6 +56,7 @@ class Subscription:
         "_waiter",
         "after",
         "ended",
+        "ended_why",
         "maxsize",
         "patterns",
         "reason",
@@ -79,6 +80,7 @@ class Subscription:
         self.recovered = True
         self.reason: str | None = None  # why continuity was lost, when it was
         self.ended: str | None = None  # None while open; then "lagged", "shutdown" or "closed"
+        self.ended_why: str | None = None  # for humans: why it ended
         self._buffer: deque[Event] = deque()
         self._catching_up = False
         self._overflowed = False
@@ -121,9 +123,10 @@ class Subscription:
         if self.wakeup is not None:
             self.wakeup()
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, why: str | None = None) -> None:
         if self.ended is None:
             self.ended = reason
+            self.ended_why = why
             self._buffer.clear()
             self._wake()
 
@@ -148,7 +151,7 @@ class Subscription:
                     f"events after cursor {log.epoch}:{before} were removed by retention "
                     "before this subscriber could read them"
                 )
-                self._hub.lag(self)
+                self._hub.lag(self, self.reason)
                 return []
             if page:
                 self.after = page[-1].seq
@@ -250,13 +253,13 @@ class Hub:
                 if not sub.offer(event):
                     lagged.append(sub)
         for sub in lagged:
-            self.lag(sub)
+            self.lag(sub, f"subscriber queue overflowed ({sub.maxsize} events)")
 
-    def lag(self, sub: Subscription) -> None:
+    def lag(self, sub: Subscription, why: str) -> None:
         """End ``sub`` as lagged: it fell behind; its client resumes from its cursor."""
         if sub.ended is None:
             self.metrics.lagged.labels(sub.transport).inc()
-            self._remove(sub, "lagged")
+            self._remove(sub, "lagged", why)
 
     async def resolve(self, since: Cursor | None) -> Start:
         """Where to start for a client's cursor, and whether continuity holds."""
@@ -314,10 +317,10 @@ class Hub:
     def unsubscribe(self, sub: Subscription) -> None:
         self._remove(sub, "closed")
 
-    def _remove(self, sub: Subscription, reason: str) -> None:
+    def _remove(self, sub: Subscription, reason: str, why: str | None = None) -> None:
         if sub in self._subscriptions:
             self._subscriptions.remove(sub)
             for pattern in sub.patterns:
                 self._router.remove(pattern, sub)
             self.metrics.subscribers.labels(sub.transport).dec()
-        sub.end(reason)
+        sub.end(reason, why)

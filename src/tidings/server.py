@@ -28,6 +28,7 @@ from starlette.routing import Route
 from . import brokers
 from . import log as logs
 from .config import Settings
+from .exceptions import ConfigError
 from .hub import Hub
 from .loading import load
 from .log import Log
@@ -133,7 +134,13 @@ class Tidings:
 
     async def run(self, on_ready: Callable[[Tidings], None] | None = None) -> None:
         server_cfg = self.settings.server
-        self.socket = bind(server_cfg.host, server_cfg.port)
+        try:
+            self.socket = bind(server_cfg.host, server_cfg.port)
+        except OSError as exc:  # address in use, unknown host, …: the operator's to fix
+            raise ConfigError(
+                f"cannot listen on {server_cfg.host}:{server_cfg.port} "
+                f"(server.host, server.port): {exc.strerror or exc}"
+            ) from None
         config = uvicorn.Config(
             self.app,
             http="httptools",

@@ -121,7 +121,13 @@ class SQLiteLog:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        recent = await self._on(self._writer, self._open_sync)
+        try:
+            recent = await self._on(self._writer, self._open_sync)
+        except (sqlite3.Error, OSError) as exc:
+            self._close_sync()
+            raise ConfigError(
+                f"log.path {self.path!r}: cannot open the SQLite log: {exc}"
+            ) from None
         self._cache(recent)
         self._writer_task = asyncio.create_task(self._write_loop(), name="tidings-sqlite-writer")
 

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..events import Cursor, Draft, Event, Pattern, make_draft
+from ..events import Cursor, Draft, Event, Pattern, is_json_type, make_draft
 from ..exceptions import BadRequest, InvalidEvent, PayloadTooLarge, TidingsError
 from ..hub import Subscription
 from . import Query, context, resume_cursor
@@ -139,11 +139,7 @@ def _batch_draft(item: Any, index: int) -> Draft:
         content_type = content_type or "application/octet-stream"
     else:
         value = item.get("data")
-        if (
-            isinstance(value, str)
-            and content_type is not None
-            and not content_type.lower().endswith("json")
-        ):
+        if isinstance(value, str) and content_type is not None and not is_json_type(content_type):
             data = value.encode()
         else:
             data = orjson.dumps(value)

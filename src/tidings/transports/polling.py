@@ -5,7 +5,7 @@ Rules:
 - Without either, polling starts at the head: the first answer is empty and carries the cursor.
 - ``wait=<seconds>`` (up to ``poll.max_wait``) holds the request on a hub subscription until a
   matching event arrives or the time is up; a held request costs a registry entry and a future,
-  no loop.
+  no loop. A client that disconnects releases its subscription at once, not when the wait ends.
 - With ``If-None-Match`` and nothing new, the answer is ``304 Not Modified``.
 - A cursor the hub cannot continue from answers at once with ``recovered: false``, no events, and
   the current head as ``cursor``.
@@ -18,7 +18,8 @@ import asyncio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..events import Cursor
+from ..events import Cursor, Event
+from ..hub import Subscription
 from . import Query, context
 from .http import json_response, page_body
 
@@ -34,6 +35,25 @@ def etag_cursor(value: str | None) -> Cursor | None:
     if not tag or tag == "*":
         return None
     return Cursor.parse(tag)
+
+
+async def hold(request: Request, sub: Subscription, limit: int, wait: float) -> list[Event]:
+    """Wait up to ``wait`` seconds for events; a client that goes away ends the wait at once."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        sub.close()  # next_batch returns [] and the subscription leaves the registry now
+
+    async with asyncio.TaskGroup() as tasks:
+        watcher = tasks.create_task(watch())
+        try:
+            async with asyncio.timeout(wait):
+                events = await sub.next_batch(limit)
+        except TimeoutError:
+            events = []
+        watcher.cancel()
+    return events
 
 
 async def poll(request: Request) -> Response:
@@ -53,11 +73,7 @@ async def poll(request: Request) -> Response:
     try:
         events = await sub.poll_batch(limit)
         if not events and wait > 0 and sub.recovered:
-            try:
-                async with asyncio.timeout(wait):
-                    events = await sub.next_batch(limit)
-            except TimeoutError:
-                pass
+            events = await hold(request, sub, limit, wait)
         more = not sub.caught_up
     finally:
         sub.close()

@@ -38,6 +38,7 @@ HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # nginx: do not buffer the stream
 ]
+PLAIN_HEADERS = {name.decode(): value.decode() for name, value in HEADERS}
 BATCH = 512  # events per write at most
 
 
@@ -46,13 +47,15 @@ async def stream(request: Request) -> Response:
     query = Query(request, ("channel", "since"))
     patterns = query.patterns()
     since = resume_cursor(query, request.headers.get("last-event-id"))
+    if request.method == "HEAD":  # headers only: no subscription to hold open
+        return Response(headers=PLAIN_HEADERS)
     try:
         sub = await ctx.hub.subscribe(patterns, since, "sse")
     except Unavailable:
         # An EventSource gives up for good on an error status, but reconnects after a stream
         # that ends: while shutting down, answer with retry advice and an empty stream.
         retry = b"retry: %d\n\n" % int(ctx.settings.sse.retry * 1000)  # no data: no event
-        return Response(retry, headers=dict((k.decode(), v.decode()) for k, v in HEADERS))
+        return Response(retry, headers=PLAIN_HEADERS)
     return EventStream(sub, ctx.settings.sse, ctx.hub.metrics)
 
 
@@ -123,7 +126,7 @@ class EventStream(Response):
                 await write(b"".join([sse.sse_bytes(e) for e in batch]))
                 delivered.inc(len(batch))
             if sub.ended == "lagged":
-                notice = {"cursor": sub.cursor, "reason": "subscriber queue overflowed"}
+                notice = {"cursor": sub.cursor, "reason": sub.ended_why or "subscriber lagged"}
                 await write(sse.message(orjson.dumps(notice), event="tidings.lagged"))
         except TimeoutError:
             return False
