@@ -117,9 +117,7 @@ class Subscription:
         return True
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.nudge()
         if self.wakeup is not None:
             self.wakeup()
 
@@ -176,17 +174,29 @@ class Subscription:
         self.after = batch[-1].seq
         return batch
 
+    async def wait(self) -> None:
+        """Return once events are buffered, the subscription ends, or ``nudge`` is called."""
+        if self._buffer or self._catching_up or self.ended is not None:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def nudge(self) -> None:
+        """Wake a task blocked in ``wait`` although nothing arrived (e.g. time for a ping)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def next_batch(self, limit: int = 1000) -> list[Event]:
         """Wait for events and return them; ``[]`` only once the subscription has ended."""
         while True:
             batch = await self.poll_batch(limit)
             if batch or self.ended is not None:
                 return batch
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self.wait()
 
     def close(self) -> None:
         self._hub.unsubscribe(self)

@@ -73,7 +73,7 @@ def build_app(hub: Hub, settings: Settings) -> Starlette:
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers=http.exception_handlers)
-    app.state.tidings = Context(hub, settings)
+    app.state.tidings = Context(hub, settings, sse.Streams(settings.sse))
     return app
 
 
@@ -102,6 +102,7 @@ class Tidings:
         self.settings = settings
         self.hub = make_hub(settings)
         self.app = build_app(self.hub, settings)
+        self.context: Context = self.app.state.tidings
         self.socket: socket.socket | None = None
         self._server: _Server | None = None
         self._stopping = asyncio.Event()
@@ -160,6 +161,7 @@ class Tidings:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._trim_loop())
+                tasks.create_task(self.context.streams.run(self._stopping))
                 serving = tasks.create_task(self._server.serve(sockets=[self.socket]))
                 if on_ready is not None:
                     on_ready(self)  # the socket already listens: early connections queue

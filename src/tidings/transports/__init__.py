@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
@@ -18,11 +19,15 @@ from ..events import Cursor, Pattern, parse_patterns
 from ..exceptions import InvalidCursor, InvalidParameter
 from ..hub import Hub
 
+if TYPE_CHECKING:
+    from .sse import Streams
+
 
 @dataclass(frozen=True, slots=True)
 class Context:
     hub: Hub
     settings: Settings
+    streams: Streams
 
 
 def context(request: Request) -> Context:
