@@ -32,9 +32,9 @@ def _banner(node: object) -> None:
     assert isinstance(node, Tidings)
     url = node.url
     s = node.settings
-    where = s.log.path if s.log.backend == "sqlite" else "memory"
+    where = f"sqlite {s.log.path}" if s.log.backend == "sqlite" else "memory, lost on restart"
     print(
-        f"tidings {__version__} listening on {url}  (log: {s.log.backend} {where})\n"
+        f"tidings {__version__} listening on {url}  (log: {where})\n"
         f"  publish   POST {url}/channels/{{channel}}   batch: POST {url}/publish\n"
         f"  SSE       GET  {url}/sse?channel=PATTERN[&since=CURSOR]\n"
         f"  poll      GET  {url}/poll?channel=PATTERN[&since=CURSOR][&wait=SECONDS]\n"

@@ -73,6 +73,7 @@ def build_app(hub: Hub, settings: Settings) -> Starlette:
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers=http.exception_handlers)
+    app.router.redirect_slashes = False  # "/publish/" is a 404 with a JSON body, not a redirect
     app.state.tidings = Context(hub, settings, sse.Streams(settings.sse))
     return app
 
@@ -151,6 +152,9 @@ class Tidings:
             timeout_graceful_shutdown=max(1, int(server_cfg.shutdown_grace)),
             server_header=False,
         )
+        if server_cfg.access_log:
+            # uvicorn sets its access logger to the (quiet) server level; access lines are INFO.
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         self._server = _Server(config)
         loop = asyncio.get_running_loop()
         signals = threading.current_thread() is threading.main_thread()
