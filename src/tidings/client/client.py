@@ -117,7 +117,7 @@ class Client:
         ``data``: ``bytes`` are sent as they are (the server recognises JSON or UTF-8 text when
         ``content_type`` is not given, else they are ``application/octet-stream``); ``str`` is
         sent as ``text/plain``; anything else is serialised as JSON. Raises ``RequestRejected``
-        (invalid channel, type or data, a reused idempotency key…) or ``ServerUnavailable``;
+        (invalid channel, type or data, data over the size limit…) or ``ServerUnavailable``;
         publishing again after the latter is safe with an ``idempotency_key``.
         """
         body, declared = encode_data(data, content_type)
