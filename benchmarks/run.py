@@ -1,0 +1,639 @@
+"""Tidings benchmarks: a real server on core 0, a lean asyncio load generator on core 1.
+
+    .venv/bin/python benchmarks/run.py [publish|fanout|latency|all] [options]
+
+Workloads (see benchmarks/README.md for what each measures and the targets):
+  publish   acknowledged HTTP publishes/s from 50 keep-alive publishers, p50/p99 ack latency
+  fanout    SSE deliveries/s to 1,000 subscribers at the highest rate with no lagged subscriber
+  latency   publish-to-delivery latency at 5 events/s x 1,000 SSE subscribers
+
+Each workload starts its own server (``taskset -c 0 python -m tidings serve``) on a fresh SQLite
+file, waits for /healthz, runs, prints a table, writes benchmarks/results/<workload>.json and stops
+the server. Server CPU comes from /proc/<pid>/stat (all threads), memory from /proc/<pid>/status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import (
+    HTTPConnection,
+    SSEStream,
+    TimedSSEStream,
+    open_streams,
+    payload,
+    payload_bytes,
+    request,
+)
+from target import (
+    CLIENT_CORE,
+    ROOT,
+    SERVER_CORE,
+    Server,
+    Window,
+    delivered_sse,
+    idle_memory,
+    lagged_total,
+    percentile,
+    raise_nofile,
+    running_server,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {
+    "publish": ("publishes_per_s", ">=", 5_000),
+    "fanout": ("deliveries_per_s", ">=", 40_000),
+    "latency": ("p99_ms", "<=", 50.0),
+}
+
+
+# -- workload: publish -------------------------------------------------------------------------
+
+
+async def workload_publish(args: argparse.Namespace) -> dict[str, Any]:
+    duration = args.duration or 10.0
+    async with running_server(args) as server:
+        conns = [await HTTPConnection.open(server.port) for _ in range(args.publishers)]
+        raw = request("POST", "/channels/bench/publish", payload_bytes(args.size))
+        latencies: list[int] = []
+        state = {"measuring": False, "stop": False, "ok": 0, "errors": 0}
+        clock = time.perf_counter_ns
+
+        async def publisher(conn: HTTPConnection) -> None:
+            while not state["stop"]:
+                t0 = clock()
+                status, _ = await conn.send(raw)
+                t1 = clock()
+                if state["measuring"]:
+                    if status == 201:
+                        state["ok"] += 1
+                        latencies.append(t1 - t0)
+                    else:
+                        state["errors"] += 1
+
+        tasks = [asyncio.create_task(publisher(c)) for c in conns for _ in range(args.depth)]
+        await asyncio.sleep(args.warmup)
+        m0 = await server.metrics()
+        with Window(server) as window:
+            state["measuring"] = True
+            await asyncio.sleep(duration)
+            state["measuring"] = False
+        state["stop"] = True
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        m1 = await server.metrics()
+        rss = server.rss_kb()
+        for c in conns:
+            c.close()
+
+    latencies.sort()
+    ok = state["ok"]
+    rate = ok / window.elapsed
+    return {
+        "publishes_per_s": round(rate),
+        "p50_ms": round(percentile(latencies, 50) / 1e6, 3),
+        "p90_ms": round(percentile(latencies, 90) / 1e6, 3),
+        "p99_ms": round(percentile(latencies, 99) / 1e6, 3),
+        "max_ms": round(percentile(latencies, 100) / 1e6, 3),
+        "acknowledged": ok,
+        "errors": state["errors"],
+        "server_cpu_us_per_publish": round(window.server_cpu / max(ok, 1) * 1e6, 1),
+        "server_published_delta": m1.get("tidings_published_events_total", 0)
+        - m0.get("tidings_published_events_total", 0),
+        "server_rss_kb": rss,
+        **window.summary(),
+        "params": {
+            "publishers": args.publishers,
+            "in_flight_per_connection": args.depth,
+            "event_bytes": args.size,
+            "durability": args.durability,
+            "warmup_s": args.warmup,
+            "duration_s": duration,
+        },
+    }
+
+
+# -- workload: fanout --------------------------------------------------------------------------
+
+
+def batch_request(channel: str, size: int, n: int, t: int = 0) -> bytes:
+    event = {"channel": channel, "data": payload(size, t)}
+    return request("POST", "/publish", orjson.dumps({"events": [event] * n}))
+
+
+async def check_ack(fut: Any) -> None:
+    status, body = await fut
+    if status != 201:
+        raise RuntimeError(f"publish answered {status}: {body[:200]!r}")
+
+
+async def drain(streams: list[SSEStream], expected: int, within: float = 10.0) -> int:
+    """Wait until every open stream has ``expected`` events (or ``within`` s); missing ones."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        missing = sum(max(0, expected - s.count) for s in streams if not s.closed)
+        if not missing:
+            return 0
+        await asyncio.sleep(0.05)
+    return sum(max(0, expected - s.count) for s in streams if not s.closed)
+
+
+def stream_totals(streams: list[SSEStream]) -> tuple[int, int]:
+    return sum(s.count for s in streams), sum(s.reads for s in streams)
+
+
+async def fanout_closed_loop(
+    args: argparse.Namespace,
+    server: Server,
+    streams: list[SSEStream],
+    duration: float,
+    batch: int,
+    window_events: int,
+    connections: int,
+) -> dict[str, Any]:
+    """Publish as fast as the slowest subscriber receives, at most ``window_events`` ahead.
+
+    ``connections`` publishers, each with one ``POST /publish`` of ``batch`` events in flight.
+    """
+    base = min(s.count for s in streams)
+    sent = 0
+    stop = False
+    raw = batch_request("bench/fan", args.size, batch)
+
+    def received() -> int:
+        live = [s.count for s in streams if not s.closed]
+        return (min(live) if live else 1 << 62) - base
+
+    async def publisher(conn: HTTPConnection) -> None:
+        nonlocal sent
+        while not stop:
+            while sent + batch - received() > window_events:
+                await asyncio.sleep(0.0005)
+                if stop:
+                    return
+            sent += batch
+            await check_ack(conn.send(raw))
+
+    conns = [await HTTPConnection.open(server.port) for _ in range(connections)]
+    tasks = [asyncio.create_task(publisher(c)) for c in conns]
+    await asyncio.sleep(args.warmup)
+    m0 = await server.metrics()
+    with Window(server) as window:
+        d0, r0 = stream_totals(streams)
+        await asyncio.sleep(duration)
+        d1, r1 = stream_totals(streams)
+    stop = True
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    missing = await drain(streams, base + sent)
+    m1 = await server.metrics()
+    for c in conns:
+        c.close()
+    deliveries = d1 - d0
+    return {
+        "deliveries_per_s": round(deliveries / window.elapsed),
+        "events_per_s": round(deliveries / window.elapsed / len(streams), 1),
+        "events_per_read": round(deliveries / max(r1 - r0, 1), 2),
+        "server_cpu_us_per_delivery": round(window.server_cpu / max(deliveries, 1) * 1e6, 2),
+        "lagged_disconnects": int(lagged_total(m1) - lagged_total(m0)),
+        "closed_streams": sum(s.closed for s in streams),
+        "missing_deliveries": missing,
+        "server_delivered_delta": int(delivered_sse(m1) - delivered_sse(m0)),
+        **window.summary(),
+        "params": {
+            "events_per_publish": batch,
+            "publish_connections": connections,
+            "window_events": window_events,
+        },
+    }
+
+
+async def fanout_open_loop(
+    args: argparse.Namespace,
+    server: Server,
+    streams: list[SSEStream],
+    rate: float,
+    duration: float,
+    batch: int,
+    connections: int,
+) -> dict[str, Any]:
+    """Publish at a fixed ``rate`` deliveries/s (events/s x subscribers), whatever happens.
+
+    ``connections`` publishers share the rate, each with one request in flight; one that falls
+    behind its schedule sends at once to catch up, so ``published_events_per_s`` shows whether the
+    offered rate was really offered.
+    """
+    events_per_s = rate / len(streams)
+    interval = batch * connections / events_per_s  # per publisher
+    raw = batch_request("bench/fan", args.size, batch)
+    conns = [await HTTPConnection.open(server.port) for _ in range(connections)]
+    base = min(s.count for s in streams)
+    published = 0
+    loop = asyncio.get_running_loop()
+
+    async def publisher(conn: HTTPConnection, start: float, end: float) -> None:
+        nonlocal published
+        nxt = start
+        while nxt < end:
+            await asyncio.sleep(max(0.0, nxt - loop.time()))
+            await check_ack(conn.send(raw))
+            published += batch
+            nxt += interval
+
+    m0 = await server.metrics()
+    with Window(server) as window:
+        d0, r0 = stream_totals(streams)
+        start = loop.time()
+        end = start + duration
+        await asyncio.gather(
+            *(publisher(c, start + i * interval / connections, end) for i, c in enumerate(conns))
+        )
+        publishing = loop.time() - start
+        missing = await drain(streams, base + published, within=5.0)
+        d1, r1 = stream_totals(streams)
+    m1 = await server.metrics()
+    for c in conns:
+        c.close()
+    deliveries = d1 - d0
+    return {
+        "offered_deliveries_per_s": round(rate),
+        "published_events_per_s": round(published / publishing, 1),
+        "deliveries_per_s": round(deliveries / window.elapsed),
+        "drained_after_s": round(max(0.0, window.elapsed - publishing), 2),
+        "events_per_read": round(deliveries / max(r1 - r0, 1), 2),
+        "server_cpu_us_per_delivery": round(window.server_cpu / max(deliveries, 1) * 1e6, 2),
+        "lagged_disconnects": int(lagged_total(m1) - lagged_total(m0)),
+        "closed_streams": sum(s.closed for s in streams),
+        "missing_deliveries": missing,
+        **window.summary(),
+        "params": {"events_per_publish": batch, "publish_connections": connections},
+    }
+
+
+async def reopen(server: Server, streams: list[SSEStream], path: bytes) -> list[SSEStream]:
+    """Replace closed streams with fresh ones (after a step that lagged some out)."""
+    alive = [s for s in streams if not s.closed]
+    lost = len(streams) - len(alive)
+    if lost:
+        alive += await open_streams(server.port, lost, path)
+        await asyncio.sleep(0.5)
+    return alive
+
+
+async def workload_fanout(args: argparse.Namespace) -> dict[str, Any]:
+    duration = args.duration or 10.0
+    path = b"/sse?channel=bench/fan"
+    n = args.subscribers
+    async with running_server(args) as server:
+        streams, memory = await idle_memory(server, lambda: open_streams(server.port, n, path), n)
+        result: dict[str, Any] = {"memory": memory}
+        print("  closed loop ...", flush=True)
+        result["closed_loop"] = await fanout_closed_loop(
+            args, server, streams, duration, args.batch, args.window, args.fan_publishers
+        )
+        capacity = result["closed_loop"]["deliveries_per_s"]
+        if args.confirm:
+            print("  open-loop confirmation ...", flush=True)
+            streams = await reopen(server, streams, path)
+            result["open_loop_confirm"] = await fanout_open_loop(
+                args,
+                server,
+                streams,
+                capacity * args.confirm,
+                min(duration, 5.0),
+                args.batch,
+                args.fan_publishers,
+            )
+        if args.unbatched:
+            # One event in flight at a time, so each goes out in its own write: the price of a
+            # delivery without batching, comparable with per-message brokers.
+            print("  unbatched (one event per write) ...", flush=True)
+            streams = await reopen(server, streams, path)
+            step = await fanout_closed_loop(args, server, streams, min(duration, 5.0), 1, 1, 1)
+            step["implied_max_deliveries_per_s"] = round(
+                1e6 / max(step["server_cpu_us_per_delivery"], 1e-9)
+            )
+            result["unbatched"] = step
+        if args.sweep:
+            steps = []
+            for rate in args.sweep:
+                streams = await reopen(server, streams, path)
+                step = await fanout_open_loop(
+                    args, server, streams, rate, duration, args.batch, args.fan_publishers
+                )
+                steps.append(step)
+                print(
+                    f"  sweep {rate:>9,.0f}/s offered: {step['deliveries_per_s']:>9,}/s "
+                    f"delivered, {step['events_per_read']} events/read, "
+                    f"lagged {step['lagged_disconnects']}",
+                    flush=True,
+                )
+            result["sweep"] = steps
+            clean = [
+                s["deliveries_per_s"]
+                for s in steps
+                if not s["lagged_disconnects"]
+                and not s["missing_deliveries"]
+                and s["drained_after_s"] < 1.0
+            ]
+            result["sweep_highest_clean_deliveries_per_s"] = max(clean, default=None)
+        for s in streams:
+            s.close()
+    closed = result["closed_loop"]
+    lagged = sum(
+        result.get(k, {}).get("lagged_disconnects", 0)
+        for k in ("closed_loop", "open_loop_confirm", "unbatched")
+    )
+    return {
+        "deliveries_per_s": closed["deliveries_per_s"],
+        "lagged_disconnects": lagged,
+        "server_cpu_us_per_delivery": closed["server_cpu_us_per_delivery"],
+        "kb_per_idle_connection": memory["kb_per_idle_connection"],
+        **result,
+        "params": {
+            "subscribers": n,
+            "event_bytes": args.size,
+            "queue_size": args.queue_size or "default (1024)",
+            "warmup_s": args.warmup,
+            "duration_s": duration,
+        },
+    }
+
+
+# -- workload: latency -------------------------------------------------------------------------
+
+
+async def workload_latency(args: argparse.Namespace) -> dict[str, Any]:
+    duration = args.duration or 20.0
+    path = b"/sse?channel=bench/latency"
+    receipts: list[tuple[int, int]] = []
+    async with running_server(args) as server:
+        streams, memory = await idle_memory(
+            server,
+            lambda: open_streams(server.port, args.subscribers, path, TimedSSEStream, receipts),
+            args.subscribers,
+        )
+        conn = await HTTPConnection.open(server.port)
+        acks: list[int] = []
+        loop = asyncio.get_running_loop()
+        interval = 1.0 / args.rate
+
+        async def publish_for(seconds: float, record: bool) -> int:
+            n, nxt = 0, loop.time()
+            end = nxt + seconds
+            while nxt < end:
+                t0 = time.time_ns()
+                raw = request("POST", "/channels/bench/latency", payload_bytes(args.size, t0))
+                status, body = await conn.send(raw)
+                if status != 201:
+                    raise RuntimeError(f"publish answered {status}: {body[:200]!r}")
+                if record:
+                    acks.append(time.time_ns() - t0)
+                n += 1
+                nxt += interval
+                await asyncio.sleep(max(0.0, nxt - loop.time()))
+            return n
+
+        await publish_for(args.warmup, False)
+        await asyncio.sleep(0.5)
+        m0 = await server.metrics()
+        for s in streams:
+            s.recording = True
+        with Window(server) as window:
+            published = await publish_for(duration, True)
+            await asyncio.sleep(1.0)  # let the last events arrive
+        for s in streams:
+            s.recording = False
+        m1 = await server.metrics()
+        conn.close()
+        closed = sum(s.closed for s in streams)
+        for s in streams:
+            s.close()
+
+    latencies = sorted(now - t for t, now in receipts)
+    per_event: dict[int, list[int]] = {}
+    for t, now in receipts:
+        span = per_event.setdefault(t, [now, now])
+        span[0], span[1] = min(span[0], now), max(span[1], now)
+    first = sorted(lo - t for t, (lo, _) in per_event.items())
+    last = sorted(hi - t for t, (_, hi) in per_event.items())
+    acks.sort()
+    expected = published * args.subscribers
+    deliveries = int(delivered_sse(m1) - delivered_sse(m0))
+    return {
+        "p50_ms": round(percentile(latencies, 50) / 1e6, 3),
+        "p90_ms": round(percentile(latencies, 90) / 1e6, 3),
+        "p99_ms": round(percentile(latencies, 99) / 1e6, 3),
+        "p999_ms": round(percentile(latencies, 99.9) / 1e6, 3),
+        "max_ms": round(percentile(latencies, 100) / 1e6, 3),
+        "samples": len(latencies),
+        "expected_samples": expected,
+        "first_receipt_per_event_p50_ms": round(percentile(first, 50) / 1e6, 3),
+        "first_receipt_per_event_max_ms": round(percentile(first, 100) / 1e6, 3),
+        "last_receipt_per_event_p50_ms": round(percentile(last, 50) / 1e6, 3),
+        "last_receipt_per_event_max_ms": round(percentile(last, 100) / 1e6, 3),
+        "events_over_50ms_to_last_subscriber": sum(x > 50e6 for x in last),
+        "events": len(per_event),
+        "publish_ack_p50_ms": round(percentile(acks, 50) / 1e6, 3),
+        "publish_ack_p99_ms": round(percentile(acks, 99) / 1e6, 3),
+        "lagged_disconnects": int(lagged_total(m1) - lagged_total(m0)),
+        "closed_streams": closed,
+        "server_cpu_us_per_delivery": round(window.server_cpu / max(deliveries, 1) * 1e6, 2),
+        "kb_per_idle_connection": memory["kb_per_idle_connection"],
+        "memory": memory,
+        **window.summary(),
+        "params": {
+            "subscribers": args.subscribers,
+            "events_per_s": args.rate,
+            "event_bytes": args.size,
+            "warmup_s": args.warmup,
+            "duration_s": duration,
+        },
+    }
+
+
+WORKLOADS = {"publish": workload_publish, "fanout": workload_fanout, "latency": workload_latency}
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def flat(result: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in result.items():
+        if key == "sweep":
+            continue
+        if isinstance(value, dict):
+            yield from flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def report(name: str, result: dict[str, Any]) -> None:
+    metric, op, target = TARGETS[name]
+    value = result[metric]
+    met = value >= target if op == ">=" else value <= target
+    print(
+        f"\n== {name} ==  {metric} = {value:,}  (target {op} {target:,}: "
+        f"{'met' if met else 'MISSED'})"
+    )
+    if name == "fanout" and "unbatched" in result:
+        unbatched = result["unbatched"]
+        got = unbatched["deliveries_per_s"]
+        result["unbatched_target_met"] = got >= target
+        print(
+            f"   one event per write (comparable with per-message brokers): {got:,}/s at "
+            f"{unbatched['server_cpu_us_per_delivery']} us server CPU per delivery, at most "
+            f"{unbatched['implied_max_deliveries_per_s']:,}/s with the core 100 % busy "
+            f"(target {op} {target:,}: {'met' if got >= target else 'MISSED'})"
+        )
+    for key, val in flat(result):
+        shown = f"{val:,}" if isinstance(val, int | float) and not isinstance(val, bool) else val
+        print(f"  {key:<44} {shown}")
+    result["target"] = {"metric": metric, "op": op, "value": target, "met": met}
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "git": rev + ("+dirty" if dirty else ""),
+        "server_core": SERVER_CORE,
+        "generator_core": CLIENT_CORE,
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("workload", nargs="?", default="all", choices=[*WORKLOADS, "all"])
+    p.add_argument("--duration", type=float, help="measured seconds (default 10; latency 20)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    p.add_argument("--size", type=int, default=256, help="event data bytes (JSON)")
+    p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    p.add_argument("--durability", choices=["normal", "full"], default="normal")
+    p.add_argument("--queue-size", type=int, default=0, help="TIDINGS_HUB_QUEUE_SIZE")
+    p.add_argument("--name", default="", help="results file suffix: results/<workload><name>.json")
+    p.add_argument("--no-save", action="store_true", help="do not write results JSON")
+    p.add_argument(
+        "--on-start",
+        default="",
+        help="shell command run once the server is up ({pid}, {port} substituted), "
+        "stopped with SIGINT at the end; e.g. py-spy record",
+    )
+    g = p.add_argument_group("experiments (server-side, without changing src/)")
+    g.add_argument(
+        "--python",
+        default="",
+        help="server interpreter (tidings imported from src/), e.g. a 3.12 venv",
+    )
+    g.add_argument("--gc-stats", action="store_true", help="report the server's time in gc")
+    g.add_argument("--gc-threshold", default="", help="server gc.set_threshold, e.g. 50000,20,100")
+    g.add_argument(
+        "--gc-freeze",
+        type=float,
+        default=0.0,
+        help="server gc.freeze() once, this many seconds after start",
+    )
+    g = p.add_argument_group("publish")
+    g.add_argument("--publishers", type=int, default=50, help="keep-alive connections")
+    g.add_argument("--depth", type=int, default=1, help="requests in flight per connection")
+    g = p.add_argument_group("fanout / latency")
+    g.add_argument("--subscribers", type=int, default=1000)
+    g.add_argument("--batch", type=int, default=10, help="fanout: events per POST /publish")
+    g.add_argument("--fan-publishers", type=int, default=4, help="fanout: publish connections")
+    g.add_argument(
+        "--unbatched",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fanout: also measure with one event in flight, so one event per write (5 s)",
+    )
+    g.add_argument(
+        "--window",
+        type=int,
+        default=256,
+        help="fanout: max events published ahead of the slowest subscriber",
+    )
+    g.add_argument(
+        "--confirm",
+        type=float,
+        default=0.9,
+        help="fanout: then publish open-loop at this fraction of the closed-loop rate "
+        "for 5 s and check for lag (0: skip)",
+    )
+    g.add_argument(
+        "--sweep",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=None,
+        help="fanout: open-loop steps at these deliveries/s, e.g. 20000,40000,60000",
+    )
+    g.add_argument("--rate", type=float, default=5.0, help="latency: events per second")
+    return p.parse_args(argv)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    failed = 0
+    for name in names:
+        print(f"running {name} ...", flush=True)
+        started = time.time()
+        result = await WORKLOADS[name](args)
+        report(name, result)
+        failed += not result["target"]["met"]
+        document = {
+            "workload": name,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "machine": machine(),
+            "result": result,
+        }
+        if not args.no_save:
+            RESULTS.mkdir(exist_ok=True)
+            out = RESULTS / f"{name}{args.name}.json"
+            out.write_text(json.dumps(document, indent=2) + "\n")
+            print(f"  -> {out.relative_to(ROOT)}")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("taskset") is None:
+        sys.exit("benchmarks need taskset (util-linux)")
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("benchmarks need two cores: the server on one, the load generator on the other")
+    os.sched_setaffinity(0, {CLIENT_CORE})
+    raise_nofile()
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main_async(args))
+    return uvloop.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The server under test and what is measured about it.
+
+``Server`` runs ``taskset -c 0 python -m tidings serve`` on a temporary SQLite file and reads its
+CPU time (``/proc/<pid>/stat``, every thread), memory (``/proc/<pid>/status``), ``/healthz`` and
+``/metrics``; ``Window`` takes wall time, server and generator CPU, other load on both cores and
+(with ``--gc-stats``) the server's garbage-collector time over one measurement window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from loadgen import fetch
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = Path(__file__).resolve().parent / "harness"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SERVER_CORE, CLIENT_CORE = 0, 1
+
+
+# -- the server under test ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+class Server:
+    """``taskset -c 0 python -m tidings serve`` on a temporary SQLite file."""
+
+    def __init__(self, args: argparse.Namespace, env: dict[str, str] | None = None) -> None:
+        self.port = args.port or free_port()
+        self.tmp = tempfile.mkdtemp(prefix="tidings-bench-")
+        self.db = os.path.join(self.tmp, "bench.db")
+        self.env = dict(env or {})
+        if args.queue_size:
+            self.env["TIDINGS_HUB_QUEUE_SIZE"] = str(args.queue_size)
+        python = args.python or sys.executable
+        pythonpath = []
+        if args.python:  # another interpreter: import tidings from the source tree
+            pythonpath.append(str(ROOT / "src"))
+        self.gc_stats: str | None = None
+        if args.gc_stats or args.gc_threshold or args.gc_freeze:
+            pythonpath.insert(0, str(HARNESS))
+            if args.gc_stats:
+                self.gc_stats = self.env["BENCH_GC_STATS"] = os.path.join(self.tmp, "gc.json")
+            if args.gc_threshold:
+                self.env["BENCH_GC_THRESHOLD"] = args.gc_threshold
+            if args.gc_freeze:
+                self.env["BENCH_GC_FREEZE"] = str(args.gc_freeze)
+        if pythonpath:
+            self.env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+        self.command = [
+            "taskset",
+            "-c",
+            str(SERVER_CORE),
+            python,
+            "-m",
+            "tidings",
+            "serve",
+            "--port",
+            str(self.port),
+            "--db",
+            self.db,
+            "--durability",
+            args.durability,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logfile = os.path.join(self.tmp, "server.log")
+
+    async def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
+        env.update(self.env)
+        # Blocking calls in async code are fine here: nothing else runs while the server starts.
+        with open(self.logfile, "wb") as out:  # noqa: ASYNC230
+            self.proc = subprocess.Popen(  # noqa: ASYNC220
+                self.command,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=raise_nofile,
+                cwd=self.tmp,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                status, _ = await fetch(self.port, "GET", "/healthz")
+                if status == 200:
+                    return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"server did not answer /healthz within 20 s:\n{self.log()}")
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return Path(self.logfile).read_text()[-4000:]
+        return ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the whole server process (every thread)."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_times())
+
+    def gc_info(self) -> dict[str, Any] | None:
+        """The server's gc totals (with --gc-stats; up to 0.25 s stale)."""
+        if not self.gc_stats:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            info: dict[str, Any] = json.loads(Path(self.gc_stats).read_text())
+            return info
+        return None
+
+    def gc_seconds(self) -> float | None:
+        info = self.gc_info()
+        return None if info is None else float(sum(info["seconds"]))
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    async def health(self) -> dict[str, Any]:
+        _, body = await fetch(self.port, "GET", "/healthz")
+        result: dict[str, Any] = orjson.loads(body)
+        return result
+
+    async def metrics(self) -> dict[str, float]:
+        """The Prometheus text exposition as ``{'name{labels}': value}``."""
+        _, body = await fetch(self.port, "GET", "/metrics")
+        out: dict[str, float] = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[name] = float(value)
+        return out
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            for _ in range(200):
+                if self.proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    args: argparse.Namespace, env: dict[str, str] | None = None
+) -> AsyncIterator[Server]:
+    server = Server(args, env)
+    side: subprocess.Popen[bytes] | None = None
+    try:
+        await server.start()
+        if args.on_start:  # e.g. a profiler: --on-start 'py-spy record -o /tmp/x.svg --pid {pid}'
+            cmd = args.on_start.format(pid=server.pid, port=server.port)
+            print(f"  starting: {cmd}", flush=True)
+            side = subprocess.Popen(cmd, shell=True)  # noqa: ASYNC220
+        yield server
+    finally:
+        if side is not None and side.poll() is None:
+            side.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                side.wait(30)
+        await server.stop()
+
+
+# -- measuring helpers -------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[int | float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values) + 0.5) - 1))
+    return float(sorted_values[k])
+
+
+def core_times() -> dict[int, tuple[float, float]]:
+    """Per core (busy, steal) seconds from /proc/stat, to see load that is not ours."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3].isdigit():
+            name, *ticks = line.split()
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, ticks[:8])
+            busy = user + nice + system + irq + softirq
+            out[int(name[3:])] = (busy / CLK_TCK, steal / CLK_TCK)
+    return out
+
+
+def own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Window:
+    """Wall time, server CPU and generator CPU over one measurement window."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def __enter__(self) -> Window:
+        self.t0, self.own0, self.wall0 = time.perf_counter(), own_cpu(), time.time()
+        self.cores0 = core_times()
+        self.user0, self.sys0 = self.server.cpu_times()
+        self.gc0 = self.server.gc_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.elapsed = time.perf_counter() - self.t0
+        user, system = self.server.cpu_times()
+        self.server_sys = system - self.sys0
+        self.server_cpu = user - self.user0 + self.server_sys
+        self.own_cpu = own_cpu() - self.own0
+        cores1 = core_times()
+        self.cores = {
+            c: (cores1[c][0] - b0, cores1[c][1] - s0) for c, (b0, s0) in self.cores0.items()
+        }
+        gc1 = self.server.gc_seconds()
+        self.gc = None if self.gc0 is None or gc1 is None else gc1 - self.gc0
+        info = self.server.gc_info() or {}
+        self.gc_longest = max(info.get("longest", [0.0]))
+        self.gc_pauses = [p for p in info.get("pauses", []) if p[0] >= self.wall0]
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "seconds": round(self.elapsed, 3),
+            "server_cpu_util": round(self.server_cpu / self.elapsed, 3),
+            "server_kernel_share_of_cpu": round(self.server_sys / max(self.server_cpu, 1e-9), 3),
+            "generator_cpu_util": round(self.own_cpu / self.elapsed, 3),
+        }
+        # Busy time on each core beyond what the server (core 0) and generator (core 1) used:
+        # softirq work, and any other process on the machine (which makes a run noisy).
+        for core, mine in ((SERVER_CORE, self.server_cpu), (CLIENT_CORE, self.own_cpu)):
+            busy, steal = self.cores.get(core, (0.0, 0.0))
+            out[f"core{core}_other_busy_util"] = round(max(0.0, busy - mine) / self.elapsed, 3)
+            if steal:
+                out[f"core{core}_steal_util"] = round(steal / self.elapsed, 3)
+        if self.gc is not None:
+            out["server_gc_share_of_cpu"] = round(self.gc / max(self.server_cpu, 1e-9), 3)
+            out["server_gc_longest_pause_ms_since_start"] = round(1000 * self.gc_longest, 2)
+            pauses = sorted(self.gc_pauses, key=lambda p: -p[2])
+            out["server_gc_pauses_over_2ms_in_window"] = len(pauses)
+            out["server_gc_longest_pauses_ms_in_window"] = ", ".join(
+                f"{p[2]} (gen{p[1]})" for p in pauses[:5]
+            )
+        return out
+
+
+def lagged_total(metrics: dict[str, float]) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith("tidings_lagged_disconnects_total"))
+
+
+def delivered_sse(metrics: dict[str, float]) -> float:
+    return metrics.get('tidings_delivered_events_total{transport="sse"}', 0.0)
+
+
+async def idle_memory(
+    server: Server, streams_factory: Callable[[], Any], n: int
+) -> tuple[Any, dict[str, Any]]:
+    """Open ``n`` SSE streams and report server RSS before and after they sit idle."""
+    rss0 = server.rss_kb()
+    streams = await streams_factory()
+    await asyncio.sleep(2.0)
+    rss1 = server.rss_kb()
+    health = await server.health()
+    if health.get("subscribers") != n:
+        raise RuntimeError(f"server reports {health.get('subscribers')} subscribers, expected {n}")
+    return streams, {
+        "rss_kb_before": rss0,
+        "rss_kb_idle_subscribers": rss1,
+        "kb_per_idle_connection": round((rss1 - rss0) / n, 2),
+    }
