@@ -152,6 +152,25 @@ async def test_next_batch_respects_limit(hub: Hub) -> None:
     assert seqs(await drain(sub, limit=3)) == list(range(4, 11))
 
 
+async def test_more_reports_events_left_behind_by_a_limited_batch(hub: Hub) -> None:
+    sub = await hub.subscribe(patterns("a"), None, "longpoll")
+    assert await sub.poll_batch(10) == [] and sub.more is False
+    await publish(hub, "a", 5)
+    assert len(await sub.poll_batch(2)) == 2
+    assert sub.more is True  # three still buffered: the next poll gets them at once
+    assert len(await sub.poll_batch(10)) == 3
+    assert sub.more is False
+
+
+async def test_more_is_true_while_history_remains_unread(hub: Hub) -> None:
+    first = (await publish(hub, "a", 5))[0]
+    sub = await hub.subscribe(patterns("a"), Cursor(first.epoch, 0), "poll")
+    assert seqs(await sub.poll_batch(2)) == [1, 2]
+    assert sub.more is True
+    assert seqs(await sub.poll_batch(10)) == [3, 4, 5]
+    assert sub.more is False
+
+
 async def test_closed_subscription_gets_nothing_more(hub: Hub) -> None:
     sub = await hub.subscribe(patterns("a"), None, "sse")
     other = await hub.subscribe(patterns("a"), None, "sse")

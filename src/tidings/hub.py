@@ -88,14 +88,9 @@ class Subscription:
         self.wakeup: Callable[[], None] | None = None
 
     @property
-    def caught_up(self) -> bool:
-        """True once the subscription has read the Log up to the live edge."""
-        return not self._catching_up
-
-    @property
-    def backlog(self) -> int:
-        """Live events waiting in the buffer."""
-        return len(self._buffer)
+    def more(self) -> bool:
+        """Whether more events are available right now (history not yet read, or buffered)."""
+        return self._catching_up or bool(self._buffer)
 
     @property
     def cursor(self) -> str:

@@ -201,7 +201,7 @@ async def history(request: Request) -> Response:
     sub = await hub.subscribe(patterns, since, "http")
     try:
         events = await sub.poll_batch(limit)
-        more = not sub.caught_up
+        more = sub.more
     finally:
         sub.close()
     return json_response(page_body(events, sub, more), headers={"Cache-Control": "no-store"})

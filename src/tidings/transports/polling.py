@@ -74,7 +74,7 @@ async def poll(request: Request) -> Response:
         events = await sub.poll_batch(limit)
         if not events and wait > 0 and sub.recovered:
             events = await hold(request, sub, limit, wait)
-        more = not sub.caught_up
+        more = sub.more
     finally:
         sub.close()
     if events:
