@@ -35,8 +35,8 @@ class Start:
 
     after: int
     recovered: bool
+    head: int  # the log's head when this was decided
     reason: str | None = None
-    head: int = 0  # the log's head when this was decided
 
 
 class Subscription:
@@ -82,7 +82,7 @@ class Subscription:
         self.ended: str | None = None  # None while open; then "lagged", "shutdown" or "closed"
         self.ended_why: str | None = None  # for humans: why it ended
         self._buffer: deque[Event] = deque()
-        self._catching_up = False
+        self._catching_up = True  # until ``start``: buffer everything, never lag
         self._overflowed = False
         self._waiter: asyncio.Future[None] | None = None
         self.wakeup: Callable[[], None] | None = None
@@ -95,6 +95,17 @@ class Subscription:
     @property
     def cursor(self) -> str:
         return f"{self._hub.log.epoch}:{self.after}"
+
+    def start(self, start: Start) -> None:
+        """Set the position the hub resolved; live events buffered so far are kept past it."""
+        self.after = start.after
+        self.recovered = start.recovered
+        self.reason = start.reason
+        self._discard_through(start.after)
+        # Starting at the head there is nothing to read: live at once, so the queue bound
+        # applies from the first event (a subscriber that never reads lags, it is not buffered
+        # as "catching up" forever) - unless the buffer overflowed while the hub resolved.
+        self._catching_up = start.after < start.head or self._overflowed
 
     def offer(self, event: Event) -> bool:
         """Queue ``event`` without blocking. False means the live buffer overflowed (lagged)."""
@@ -271,25 +282,19 @@ class Hub:
         log = self.log
         head = await log.head()
         if since is None:
-            return Start(head, True, None, head)
+            return Start(head, True, head)
         if since.epoch != log.epoch:
-            return Start(
-                head,
-                False,
+            why = (
                 f"cursor {since} is from another log epoch (current {log.epoch}): "
-                "the history it points into no longer exists",
-                head,
+                "the history it points into no longer exists"
             )
-        if since.seq > head:
-            return Start(head, False, f"cursor {since} is ahead of the log's head {head}", head)
-        if since.seq < await log.low():
-            return Start(
-                head,
-                False,
-                f"events after cursor {since} have been removed by retention",
-                head,
-            )
-        return Start(since.seq, True, None, head)
+        elif since.seq > head:
+            why = f"cursor {since} is ahead of the log's head {head}"
+        elif since.seq < await log.low():
+            why = f"events after cursor {since} have been removed by retention"
+        else:
+            return Start(since.seq, True, head)
+        return Start(head, False, head, why)
 
     async def subscribe(
         self, patterns: tuple[Pattern, ...], since: Cursor | None, transport: str
@@ -299,7 +304,6 @@ class Hub:
             raise Unavailable("the hub is not running (starting up or shutting down)")
         sub = Subscription(self, patterns, transport, self.queue_size)
         # Register before reading the head: events committed meanwhile land in the buffer.
-        sub._catching_up = True
         for pattern in patterns:
             self._router.add(pattern, sub)
         self._subscriptions.add(sub)
@@ -309,14 +313,7 @@ class Hub:
         except BaseException:
             self.unsubscribe(sub)
             raise
-        sub.after = start.after
-        sub.recovered = start.recovered
-        sub.reason = start.reason
-        sub._discard_through(start.after)
-        # Starting at the head there is nothing to read: live at once, so the queue bound
-        # applies from the first event (a subscriber that never reads lags, it is not buffered
-        # as "catching up" forever) - unless the buffer overflowed while ``resolve`` waited.
-        sub._catching_up = start.after < start.head or sub._overflowed
+        sub.start(start)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
