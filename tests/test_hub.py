@@ -599,6 +599,23 @@ async def test_subscriber_that_never_reads_is_ended_as_lagged(make_hub: MakeHub)
     assert await idle.next_batch() == []
 
 
+async def test_a_subscriber_that_never_reads_holds_at_most_its_queue_bound(
+    make_hub: MakeHub,
+) -> None:
+    # Memory per subscriber is bounded: live, it lags at the bound and lets go of its buffer;
+    # catching up (it has history left to read), it drops its buffer and rereads the log.
+    hub = await make_hub(queue_size=8)
+    first = (await publish(hub, "a", 3))[0]
+    live = await hub.subscribe(patterns("a"), None, "sse")
+    catching_up = await hub.subscribe(patterns("a"), Cursor(first.epoch, 0), "sse")
+    for _ in range(100):
+        await publish(hub, "a", 7)
+        assert len(live._buffer) <= 8 and len(catching_up._buffer) <= 8
+    assert live.ended == "lagged" and not live._buffer
+    assert catching_up.ended is None
+    assert seqs(await drain(catching_up)) == list(range(1, 704))
+
+
 async def test_subscriber_that_stops_reading_is_ended_as_lagged(make_hub: MakeHub) -> None:
     hub = await make_hub(queue_size=5)
     slow = await hub.subscribe(patterns("a"), None, "sse")
