@@ -239,3 +239,22 @@ def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.01)
+
+
+def publish(client: httpx.Client, channel: str, data: Any = 0, **kwargs: Any) -> str:
+    """Publish one event (JSON ``data``, or raw ``content=``); returns its cursor."""
+    if "content" not in kwargs:
+        kwargs["json"] = data
+    response = client.post(f"/channels/{channel}", **kwargs)
+    assert response.status_code == 201, response.text
+    cursor: str = response.json()["id"]
+    return cursor
+
+
+def publish_mixed(client: httpx.Client, count: int) -> list[tuple[str, str]]:
+    """``count`` events over a few channels; returns (channel, cursor) in publish order."""
+    out = []
+    for i in range(count):
+        channel = ["orders/1", "orders/2", "users/1", "orders/1/items"][i % 4]
+        out.append((channel, publish(client, channel, {"i": i})))
+    return out

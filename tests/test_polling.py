@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import RunningServer
-from streaming import wait_for
+from streaming import publish, publish_mixed, wait_for
 
 ServerFactory = Callable[..., RunningServer]
 
@@ -20,13 +20,6 @@ ServerFactory = Callable[..., RunningServer]
 def client(server: RunningServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=10) as c:
         yield c
-
-
-def publish(client: httpx.Client, channel: str, data: Any = 0) -> str:
-    response = client.post(f"/channels/{channel}", json=data)
-    assert response.status_code == 201, response.text
-    cursor: str = response.json()["id"]
-    return cursor
 
 
 def poll(client: httpx.Client, **params: Any) -> dict[str, Any]:
@@ -40,14 +33,6 @@ def poll(client: httpx.Client, **params: Any) -> dict[str, Any]:
 
 def ids(page: dict[str, Any]) -> list[str]:
     return [e["id"] for e in page["events"]]
-
-
-def _publish_mixed(client: httpx.Client, count: int) -> list[tuple[str, str]]:
-    out = []
-    for i in range(count):
-        channel = ["orders/1", "orders/2", "users/1", "orders/1/items"][i % 4]
-        out.append((channel, publish(client, channel, {"i": i})))
-    return out
 
 
 WAITS = pytest.mark.parametrize("wait", [None, "5"], ids=["short", "long"])
@@ -64,7 +49,7 @@ def with_wait(params: dict[str, Any], wait: str | None) -> dict[str, Any]:
 def test_poll_from_the_middle_gets_exactly_the_later_events(
     client: httpx.Client, wait: str | None
 ) -> None:
-    published = _publish_mixed(client, 20)
+    published = publish_mixed(client, 20)
     page = poll(client, **with_wait({"channel": "orders/*", "since": published[9][1]}, wait))
     expected = [c for ch, c in published[10:] if ch in ("orders/1", "orders/2")]
     assert ids(page) == expected
@@ -86,7 +71,7 @@ def test_pattern_and_multi_channel_polls_resume_with_one_cursor(
     from tidings.events import parse_patterns
 
     patterns = parse_patterns(channels)
-    published = _publish_mixed(client, 24)
+    published = publish_mixed(client, 24)
     expected = [c for ch, c in published[7:] if any(p.matches(ch) for p in patterns)]
     seen: list[str] = []
     cursor = published[6][1]

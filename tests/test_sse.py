@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from conftest import RunningServer
-from streaming import SSEClient, StreamEnded, envelope, wait_for
+from streaming import SSEClient, StreamEnded, envelope, publish, publish_mixed, wait_for
 from tidings.events import Cursor
 
 ServerFactory = Callable[..., RunningServer]
@@ -27,15 +27,6 @@ ServerFactory = Callable[..., RunningServer]
 def client(server: RunningServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=10) as c:
         yield c
-
-
-def publish(client: httpx.Client, channel: str, data: Any = 0, **kwargs: Any) -> str:
-    if "content" not in kwargs:
-        kwargs["json"] = data
-    response = client.post(f"/channels/{channel}", **kwargs)
-    assert response.status_code == 201, response.text
-    cursor: str = response.json()["id"]
-    return cursor
 
 
 def publish_batch(client: httpx.Client, items: list[dict[str, Any]]) -> list[str]:
@@ -141,20 +132,11 @@ def test_heartbeat_comments_keep_an_idle_stream_alive(make_server: ServerFactory
 # -- resume ----------------------------------------------------------------------------------
 
 
-def _publish_mixed(client: httpx.Client, count: int) -> list[tuple[str, str]]:
-    """``count`` events over a few channels; returns (channel, cursor) in publish order."""
-    out = []
-    for i in range(count):
-        channel = ["orders/1", "orders/2", "users/1", "orders/1/items"][i % 4]
-        out.append((channel, publish(client, channel, {"i": i})))
-    return out
-
-
 @pytest.mark.parametrize("how", ["since", "last-event-id"])
 def test_resume_from_the_middle_gets_exactly_the_later_events_in_order(
     server: RunningServer, client: httpx.Client, how: str
 ) -> None:
-    published = _publish_mixed(client, 20)
+    published = publish_mixed(client, 20)
     middle = published[9][1]
     expected = [c for ch, c in published[10:] if ch.startswith("orders/") and ch.count("/") == 1]
     kwargs: dict[str, Any] = (
@@ -185,7 +167,7 @@ def test_last_event_id_wins_over_since(server: RunningServer, client: httpx.Clie
 def test_pattern_subscription_resumes_with_one_cursor(
     server: RunningServer, client: httpx.Client, pattern: str
 ) -> None:
-    published = _publish_mixed(client, 16)
+    published = publish_mixed(client, 16)
     since = published[5][1]
 
     def wanted(channel: str) -> bool:
@@ -207,7 +189,7 @@ def test_pattern_subscription_resumes_with_one_cursor(
 def test_several_channel_params_share_one_ordered_stream(
     server: RunningServer, client: httpx.Client
 ) -> None:
-    published = _publish_mixed(client, 12)
+    published = publish_mixed(client, 12)
     expected = [c for ch, c in published[3:] if ch in ("users/1", "orders/1/items")]
     with SSEClient(
         server.url, ["users/1", "orders/1/items", "users/1"], since=published[2][1]
