@@ -136,33 +136,21 @@ class Tidings:
 
     async def run(self, on_ready: Callable[[Tidings], None] | None = None) -> None:
         server_cfg = self.settings.server
-        try:
-            self.socket = bind(server_cfg.host, server_cfg.port)
-        except OSError as exc:  # address in use, unknown host, …: the operator's to fix
-            raise ConfigError(
-                f"cannot listen on {server_cfg.host}:{server_cfg.port} "
-                f"(server.host, server.port): {exc.strerror or exc}"
-            ) from None
-        config = uvicorn.Config(
-            self.app,
-            http="httptools",
-            lifespan="off",
-            access_log=server_cfg.access_log,
-            log_level="warning",
-            timeout_graceful_shutdown=max(1, int(server_cfg.shutdown_grace)),
-            server_header=False,
-        )
-        if server_cfg.access_log:
-            # uvicorn sets its access logger to the (quiet) server level; access lines are INFO.
-            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
-        self._server = _Server(config)
         loop = asyncio.get_running_loop()
         signals = threading.current_thread() is threading.main_thread()
-        if signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.request_shutdown)
         await self.hub.start()
         try:
+            try:
+                self.socket = bind(server_cfg.host, server_cfg.port)
+            except OSError as exc:  # address in use, unknown host, …: the operator's to fix
+                raise ConfigError(
+                    f"cannot listen on {server_cfg.host}:{server_cfg.port} "
+                    f"(server.host, server.port): {exc.strerror or exc}"
+                ) from None
+            self._server = _Server(self._uvicorn_config())
+            if signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, self.request_shutdown)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._trim_loop())
                 tasks.create_task(self.context.streams.run(self._stopping))
@@ -176,7 +164,24 @@ class Tidings:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
             await self.hub.stop()
-            self.socket.close()
+            if self.socket is not None:
+                self.socket.close()
+
+    def _uvicorn_config(self) -> uvicorn.Config:
+        server_cfg = self.settings.server
+        config = uvicorn.Config(
+            self.app,
+            http="httptools",
+            lifespan="off",
+            access_log=server_cfg.access_log,
+            log_level="warning",
+            timeout_graceful_shutdown=max(1, int(server_cfg.shutdown_grace)),
+            server_header=False,
+        )
+        if server_cfg.access_log:
+            # uvicorn sets its access logger to the (quiet) server level; access lines are INFO.
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+        return config
 
     async def _trim_loop(self) -> None:
         interval = self.settings.log.trim_interval
