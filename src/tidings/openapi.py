@@ -22,15 +22,25 @@ def _param(name: str, description: str, schema: dict[str, Any], **extra: Any) ->
     return {"name": name, "in": "query", "description": description, "schema": schema, **extra}
 
 
+# The naming rules of events.py as JSON Schema (dot-only segments are also refused).
+SEGMENT = r"[A-Za-z0-9_.:-]+"
+CHANNEL_NAME = {"type": "string", "maxLength": 255, "pattern": f"^{SEGMENT}(/{SEGMENT})*$"}
+PATTERN_TEXT = {
+    "type": "string",
+    "maxLength": 255,
+    "pattern": rf"^({SEGMENT}|\*)(/({SEGMENT}|\*))*(/\*\*)?$|^\*\*$",
+}
+CURSOR = {"type": "string", "pattern": "^[a-z0-9]{1,32}:[0-9]{1,19}$"}
+
 CHANNEL = _param(
     "channel",
     "A channel or pattern (`*` one segment, trailing `**` one or more). Repeat for several.",
-    {"type": "array", "items": {"type": "string"}},
+    {"type": "array", "items": PATTERN_TEXT, "minItems": 1, "maxItems": 64},
     required=True,
     style="form",
     explode=True,
 )
-SINCE = _param("since", "Resume after this cursor (an event's `id`).", {"type": "string"})
+SINCE = _param("since", "Resume after this cursor (an event's `id`).", CURSOR)
 LIMIT = _param(
     "limit",
     "Most events to return (default 100).",
@@ -60,7 +70,7 @@ def _document() -> dict[str, Any]:
                 "post": {
                     "summary": "Publish one event; the body is its data",
                     "parameters": [
-                        {"name": "channel", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {"name": "channel", "in": "path", "required": True, "schema": CHANNEL_NAME},
                         _param("type", "Event type (default `message`); or the `ce-type` header.", {"type": "string"}),
                         {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"},
                          "description": "A retried publish with the same key returns the same event."},
@@ -115,7 +125,7 @@ def _document() -> dict[str, Any]:
                     "summary": "Server-Sent Events stream (resume with Last-Event-ID or `since`)",
                     "parameters": [
                         CHANNEL, SINCE,
-                        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                        {"name": "Last-Event-ID", "in": "header", "schema": CURSOR},
                     ],
                     "responses": {
                         "200": {"description": "An endless `text/event-stream`; see docs/sse.md.",
