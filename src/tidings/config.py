@@ -87,6 +87,23 @@ class PollSettings:
 
 
 @dataclass
+class AuthSettings:
+    """JWT verification; with no algorithm configured, auth is off (see docs/security.md)."""
+
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_secret: str = ""
+    jwt_secret_file: str = ""
+    jwt_public_key_files: tuple[str, ...] = ()
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway: Duration = Duration(5.0)
+    jwks_url: str = ""
+    claim: str = "tidings"
+    cookie: str = "tidings_token"
+    allow_anonymous: bool = False  # serve a non-loopback address with auth off (explicit opt-in)
+
+
+@dataclass
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -94,6 +111,7 @@ class Settings:
     http: HTTPSettings = field(default_factory=HTTPSettings)
     sse: SSESettings = field(default_factory=SSESettings)
     poll: PollSettings = field(default_factory=PollSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
 
 _POSITIVE = {"queue_size", "max_events", "max_batch", "default_limit", "max_limit",
@@ -111,6 +129,12 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
                 f"{name} must be one of {', '.join(map(repr, choices))}, not {value!r}"
             )
         return value
+    if hint == tuple[str, ...]:
+        # TOML arrays of strings; in the environment, comma-separated.
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{name} must be a list of strings, not {value!r}")
+        return tuple(i.strip() for i in items if i.strip())
     if hint is bool:
         if isinstance(value, bool):
             return value

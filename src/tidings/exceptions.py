@@ -9,6 +9,9 @@ The tree::
     │   ├── InvalidCursor           a cursor is not ``epoch:sequence``
     │   ├── InvalidEvent            event type, content type or data is unacceptable
     │   └── InvalidParameter        an unknown, missing or out-of-range query parameter
+    ├── Unauthorized                401 — no credential, or one that fails verification;
+    │                               ``challenge`` is the ``WWW-Authenticate`` value (RFC 6750 §3)
+    ├── Forbidden                   403 — a valid credential that does not grant the request
     ├── PayloadTooLarge             413 — a body over the configured limit
     ├── Unavailable                 503 — the hub is shutting down or not started
     └── ConfigError                 configuration is invalid (the CLI turns it into exit code 2)
@@ -52,6 +55,42 @@ class InvalidEvent(BadRequest):
 
 class InvalidParameter(BadRequest):
     code = "invalid_parameter"
+
+
+def bearer_challenge(error: str | None = None, description: str | None = None) -> str:
+    """A ``WWW-Authenticate: Bearer`` value (RFC 6750 §3).
+
+    Without ``error`` only the realm is named, as §3.1 asks for a request with no credential.
+    The description is cut to the characters §3 allows in ``error_description`` (no quote,
+    no backslash, no control character), so text quoted from a token can't break the header.
+    """
+    challenge = 'Bearer realm="tidings"'
+    if error is not None:
+        challenge += f', error="{error}"'
+        if description:
+            safe = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in description)
+            challenge += f', error_description="{safe[:300]}"'
+    return challenge
+
+
+class Unauthorized(TidingsError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, detail: str, *, error: str | None = "invalid_token") -> None:
+        super().__init__(detail)
+        self.error = error
+        self.challenge = bearer_challenge(error, detail)
+
+
+class Forbidden(TidingsError):
+    status = 403
+    code = "forbidden"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        # RFC 6750 §3.1: a valid token without the needed grant is "insufficient_scope".
+        self.challenge = bearer_challenge("insufficient_scope", detail)
 
 
 class PayloadTooLarge(TidingsError):

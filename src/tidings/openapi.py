@@ -52,6 +52,13 @@ WAIT = _param(
     {"type": "number", "minimum": 0},
 )
 
+TOKEN = _param(
+    "token",
+    "The credential, for clients that cannot send `Authorization` (EventSource, links). GET only.",
+    {"type": "string"},
+)
+REFUSALS = {"400": _ERROR, "401": _ERROR, "403": _ERROR}
+
 PAGE = {"$ref": "#/components/schemas/Page"}
 
 
@@ -82,7 +89,7 @@ def _document() -> dict[str, Any]:
                             "headers": {"Idempotent-Replayed": {"schema": {"type": "string"}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Event"}}},
                         },
-                        "400": _ERROR, "413": _ERROR, "503": _ERROR,
+                        "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR, "503": _ERROR,
                     },
                 }
             },
@@ -93,22 +100,22 @@ def _document() -> dict[str, Any]:
                     "responses": {
                         "201": {"description": "All events are in history.", "content": {"application/json": {"schema": {
                             "type": "object", "properties": {"events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}}}}}}},
-                        "400": _ERROR, "413": _ERROR, "503": _ERROR,
+                        "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR, "503": _ERROR,
                     },
                 }
             },
             "/history": {
                 "get": {
                     "summary": "Read history after a cursor (default: from the oldest retained event)",
-                    "parameters": [CHANNEL, SINCE, LIMIT],
-                    "responses": {"200": {"description": "A page of events.", "content": json_page}, "400": _ERROR},
+                    "parameters": [CHANNEL, SINCE, LIMIT, TOKEN],
+                    "responses": {"200": {"description": "A page of events.", "content": json_page}, **REFUSALS},
                 }
             },
             "/poll": {
                 "get": {
                     "summary": "Short poll (answers at once) or long poll (`wait`) for events after a cursor",
                     "parameters": [
-                        CHANNEL, SINCE, LIMIT, WAIT,
+                        CHANNEL, SINCE, TOKEN, LIMIT, WAIT, TOKEN,
                         {"name": "If-None-Match", "in": "header", "schema": {"type": "string"},
                          "description": "The previous answer's ETag; used as the cursor when `since` is absent."},
                     ],
@@ -116,7 +123,7 @@ def _document() -> dict[str, Any]:
                         "200": {"description": "Events (possibly none) and the cursor to poll from next; ETag is that cursor.",
                                 "headers": {"ETag": {"schema": {"type": "string"}}}, "content": json_page},
                         "304": {"description": "Nothing new after the If-None-Match cursor."},
-                        "400": _ERROR,
+                        **REFUSALS,
                     },
                 }
             },
@@ -124,21 +131,27 @@ def _document() -> dict[str, Any]:
                 "get": {
                     "summary": "Server-Sent Events stream (resume with Last-Event-ID or `since`)",
                     "parameters": [
-                        CHANNEL, SINCE,
+                        CHANNEL, SINCE, TOKEN,
                         {"name": "Last-Event-ID", "in": "header", "schema": CURSOR},
                     ],
                     "responses": {
                         "200": {"description": "An endless `text/event-stream`; see docs/sse.md.",
                                 "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                        "400": _ERROR,
+                        **REFUSALS,
                     },
                 }
             },
             "/healthz": {"get": {"summary": "Liveness and the current cursor", "responses": {"200": {"description": "OK"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (needs an admin grant)", "parameters": [TOKEN],
+                                 "responses": {"200": {"description": "text exposition format"}, **REFUSALS}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
         },
+        "security": [{"bearer": []}, {}],
         "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                           "description": "Grants under the `tidings` claim; see docs/security.md. Off by default (loopback only)."},
+            },
             "schemas": {
                 "Event": {
                     "type": "object",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -27,7 +28,8 @@ from starlette.routing import Route
 
 from . import brokers
 from . import log as logs
-from .config import Settings
+from .auth import Authenticator, JWKSCache, JWTSettings
+from .config import AuthSettings, Settings
 from .exceptions import ConfigError
 from .hub import Hub
 from .loading import load
@@ -58,7 +60,51 @@ def make_hub(settings: Settings) -> Hub:
     return Hub(make_log(settings), broker, queue_size=settings.hub.queue_size, metrics=Metrics())
 
 
-def build_app(hub: Hub, settings: Settings) -> Starlette:
+def read_file(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+
+
+def make_authenticator(cfg: AuthSettings) -> Authenticator:
+    """JWT verification from ``[auth]``; keys are read from files here, once, at start-up."""
+    if not cfg.jwt_algorithms:
+        if cfg.jwt_secret or cfg.jwt_secret_file or cfg.jwt_public_key_files or cfg.jwks_url:
+            raise ConfigError("auth keys are configured but auth.jwt_algorithms is empty")
+        return Authenticator(None)
+    secret = cfg.jwt_secret or None
+    if cfg.jwt_secret_file:
+        secret = read_file(cfg.jwt_secret_file, "auth.jwt_secret_file").strip()
+    keys = tuple(read_file(path, "auth.jwt_public_key_files") for path in cfg.jwt_public_key_files)
+    # The Authenticator checks the combination (a key for every algorithm, key strength, ...).
+    settings = JWTSettings(
+        algorithms=cfg.jwt_algorithms,
+        secret=secret,
+        public_keys=keys,
+        audience=cfg.jwt_audience or None,
+        issuer=cfg.jwt_issuer or None,
+        leeway=cfg.jwt_leeway,
+        claim=cfg.claim,
+    )
+    jwks = JWKSCache(cfg.jwks_url) if cfg.jwks_url else None
+    try:
+        return Authenticator(settings, jwks=jwks)
+    except ConfigError as exc:
+        raise ConfigError(f"[auth] settings: {exc.detail}") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(hub: Hub, settings: Settings, auth: Authenticator | None = None) -> Starlette:
     async def openapi(request: Request) -> Response:
         return http.json_response(openapi_document())
 
@@ -74,7 +120,9 @@ def build_app(hub: Hub, settings: Settings) -> Starlette:
     ]
     app = Starlette(routes=routes, exception_handlers=http.exception_handlers)
     app.router.redirect_slashes = False  # "/publish/" is a 404 with a JSON body, not a redirect
-    app.state.tidings = Context(hub, settings, sse.Streams(settings.sse))
+    if auth is None:
+        auth = make_authenticator(settings.auth)
+    app.state.tidings = Context(hub, settings, sse.Streams(settings.sse), auth)
     return app
 
 
@@ -136,6 +184,15 @@ class Tidings:
 
     async def run(self, on_ready: Callable[[Tidings], None] | None = None) -> None:
         server_cfg = self.settings.server
+        auth = self.context.auth
+        anonymous = not auth.enabled and not self.settings.auth.allow_anonymous
+        if anonymous and not is_loopback(server_cfg.host):
+            raise ConfigError(
+                f"refusing to serve {server_cfg.host} without authentication: anyone who "
+                "can reach it could publish and subscribe. Configure [auth] "
+                "(docs/security.md), or allow anonymous access explicitly "
+                "(auth.allow_anonymous = true, or --allow-anonymous)"
+            )
         loop = asyncio.get_running_loop()
         signals = threading.current_thread() is threading.main_thread()
         await self.hub.start()
@@ -154,6 +211,9 @@ class Tidings:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._trim_loop())
                 tasks.create_task(self.context.streams.run(self._stopping))
+                if auth.jwks is not None:
+                    await auth.jwks.refresh()
+                    tasks.create_task(auth.jwks.run(self._stopping))
                 serving = tasks.create_task(self._server.serve(sockets=[self.socket]))
                 if on_ready is not None:
                     on_ready(self)  # the socket already listens: early connections queue

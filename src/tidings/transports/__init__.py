@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
+from ..auth import Authenticator, Grant, Unauthorized
 from ..config import Settings
 from ..events import Cursor, Pattern, parse_patterns
 from ..exceptions import InvalidCursor, InvalidParameter
@@ -28,6 +29,7 @@ class Context:
     hub: Hub
     settings: Settings
     streams: Streams
+    auth: Authenticator
 
 
 def context(request: Request) -> Context:
@@ -113,3 +115,27 @@ def resume_cursor(query: Query, header: str | None) -> Cursor | None:
         return Cursor.parse(header.strip())
     except InvalidCursor as exc:
         raise InvalidCursor(f"{exc.detail} (from a request header)") from None
+
+
+def bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (RFC 6750 §2.1), if any."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(
+            f"Authorization header must be 'Bearer <token>', not a {scheme[:20]!r} credential"
+        )
+    return token.strip()
+
+
+def authenticate(request: Request, query: Query | None = None) -> Grant:
+    """Who is asking. ``Authorization: Bearer`` everywhere; for GET endpoints (pass their
+    ``query``) also the ``token`` query parameter and the auth cookie, which is all an
+    ``EventSource`` or a plain link can send. Never cookies on POST: that would let any web page
+    publish with a visitor's cookie (cross-site request forgery)."""
+    ctx = context(request)
+    token = bearer(request.headers.get("authorization"))
+    if token is None and query is not None:
+        token = query.one("token") or request.cookies.get(ctx.settings.auth.cookie)
+    return ctx.auth.authenticate(token)

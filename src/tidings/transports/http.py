@@ -15,10 +15,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..auth import Unauthorized
 from ..events import Cursor, Draft, Event, Pattern, is_json_type, make_draft
 from ..exceptions import BadRequest, InvalidEvent, PayloadTooLarge, TidingsError
 from ..hub import Subscription
-from . import Query, context, resume_cursor
+from . import Query, authenticate, context, resume_cursor
 
 JSON = "application/json"
 
@@ -37,7 +38,8 @@ def error_response(
 
 async def tidings_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TidingsError)
-    return error_response(exc.status, exc.code, exc.detail)
+    headers = {"WWW-Authenticate": exc.challenge} if isinstance(exc, Unauthorized) else None
+    return error_response(exc.status, exc.code, exc.detail, headers)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -92,6 +94,7 @@ def _content_type(request: Request) -> str | None:
 async def publish(request: Request) -> Response:
     """POST /channels/{channel}: the body is the event's data."""
     ctx = context(request)
+    grant = authenticate(request)
     query = Query(request, ("type",))
     channel = request.path_params["channel"]
     data = await read_body(request, ctx.settings.http.max_event_bytes, "event data")
@@ -103,6 +106,7 @@ async def publish(request: Request) -> Response:
         type=event_type,
         idempotency_key=request.headers.get("idempotency-key"),
     )
+    grant.check_publish(draft.channel)
     [appended] = await ctx.hub.publish([draft])
     headers = {} if appended.created else {"Idempotent-Replayed": "true"}
     return json_response(appended.event.json(), 201, headers)
@@ -155,6 +159,7 @@ def _batch_draft(item: Any, index: int) -> Draft:
 async def publish_batch(request: Request) -> Response:
     """POST /publish: ``{"events": [...]}``, appended atomically in order."""
     ctx = context(request)
+    grant = authenticate(request)
     Query(request, ())
     limits = ctx.settings.http
     body = await read_body(request, limits.max_request_bytes, "request body")
@@ -174,6 +179,7 @@ async def publish_batch(request: Request) -> Response:
                 f"events[{i}] data is {len(draft.data)} bytes; "
                 f"the limit is {limits.max_event_bytes}"
             )
+        grant.check_publish(draft.channel)
     appended = await ctx.hub.publish(drafts)
     body = b'{"events":[' + b",".join(a.event.json() for a in appended) + b"]}"
     return json_response(body, 201)
@@ -190,8 +196,10 @@ def page_body(events: list[Event], sub: Subscription, more: bool) -> bytes:
 async def history(request: Request) -> Response:
     """GET /history: events after ``since`` (default: the oldest retained), up to ``limit``."""
     ctx = context(request)
-    query = Query(request, ("channel", "since", "limit"))
+    query = Query(request, ("channel", "since", "limit", "token"))
+    grant = authenticate(request, query)
     patterns: tuple[Pattern, ...] = query.patterns()
+    grant.check_subscribe(patterns)
     limits = ctx.settings.http
     limit = query.integer("limit", limits.default_limit, 1, limits.max_limit)
     since = resume_cursor(query, None)
@@ -216,6 +224,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    authenticate(request, Query(request, ("token",))).check_admin()
     hub = context(request).hub
     stats = await hub.log.stats()
     m = hub.metrics

@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from ..events import Cursor, Event
 from ..hub import Subscription
-from . import Query, context
+from . import Query, authenticate, context
 from .http import json_response, page_body
 
 
@@ -59,8 +59,10 @@ async def hold(request: Request, sub: Subscription, limit: int, wait: float) -> 
 async def poll(request: Request) -> Response:
     ctx = context(request)
     settings = ctx.settings
-    query = Query(request, ("channel", "since", "limit", "wait"))
+    query = Query(request, ("channel", "since", "limit", "wait", "token"))
+    grant = authenticate(request, query)
     patterns = query.patterns()
+    grant.check_subscribe(patterns)
     limit = query.integer("limit", settings.http.default_limit, 1, settings.http.max_limit)
     wait = query.seconds("wait", 0.0, settings.poll.max_wait)
     since = query.cursor()

@@ -34,7 +34,7 @@ from ..config import SSESettings
 from ..exceptions import Unavailable
 from ..hub import Subscription
 from ..metrics import Metrics
-from . import Query, context, resume_cursor
+from . import Query, authenticate, context, resume_cursor
 
 log = logging.getLogger("tidings.sse")
 
@@ -50,8 +50,10 @@ PING = sse.comment("ping")
 
 async def stream(request: Request) -> Response:
     ctx = context(request)
-    query = Query(request, ("channel", "since"))
+    query = Query(request, ("channel", "since", "token"))
+    grant = authenticate(request, query)
     patterns = query.patterns()
+    grant.check_subscribe(patterns)
     since = resume_cursor(query, request.headers.get("last-event-id"))
     if request.method == "HEAD":  # headers only: no subscription to hold open
         return Response(headers=PLAIN_HEADERS)
