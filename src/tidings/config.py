@@ -67,6 +67,7 @@ class HubSettings:
 
 @dataclass
 class HTTPSettings:
+    origins: tuple[str, ...] = ()  # browser origins allowed (CORS and the Origin check)
     max_event_bytes: Size = Size(64 * 1024)
     max_request_bytes: Size = Size(1024 * 1024)
     max_batch: int = 1000

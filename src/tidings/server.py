@@ -36,7 +36,7 @@ from .loading import load
 from .log import Log
 from .metrics import Metrics
 from .openapi import openapi_document
-from .transports import Context, http, polling, sse
+from .transports import Context, http, origins, polling, sse
 
 logger = logging.getLogger("tidings")
 
@@ -151,6 +151,7 @@ class Tidings:
         self.settings = settings
         self.hub = make_hub(settings)
         self.app = build_app(self.hub, settings)
+        self.asgi = origins.guard(self.app, settings.http.origins)
         self.context: Context = self.app.state.tidings
         self.socket: socket.socket | None = None
         self._server: _Server | None = None
@@ -230,7 +231,7 @@ class Tidings:
     def _uvicorn_config(self) -> uvicorn.Config:
         server_cfg = self.settings.server
         config = uvicorn.Config(
-            self.app,
+            self.asgi,
             http="httptools",
             lifespan="off",
             access_log=server_cfg.access_log,
