@@ -118,6 +118,42 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    import orjson
+
+    from .auth.apikeys import NotFound
+    from .exceptions import BadRequest
+    from .server import make_key_store
+
+    settings = config.load(args.config, os.environ)
+    store = make_key_store(settings.auth)
+    if store is None:
+        raise ConfigError("API keys are off: set auth.api_keys_file (TIDINGS_AUTH_API_KEYS_FILE)")
+    try:
+        if args.action == "create":
+            key, record = store.create(
+                args.subject,
+                subscribe=args.subscribe,
+                publish=args.publish,
+                admin=args.admin,
+                description=args.description,
+            )
+            print(key)
+            print(
+                f"tidings: API key {record.id} for {record.subject!r}; shown once", file=sys.stderr
+            )
+        elif args.action == "list":
+            for record in store.list():
+                print(orjson.dumps(record.public()).decode())
+        else:
+            record = store.revoke(args.id)
+            print(orjson.dumps(record.public()).decode())
+    except (BadRequest, NotFound) as exc:
+        print(f"tidings: {exc.detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidings", description="A real-time notification hub.")
     parser.add_argument("--version", action="version", version=f"tidings {__version__}")
@@ -165,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--private-key", help="PEM private key file for RS/ES/EdDSA")
     token.add_argument("--config", default=os.environ.get("TIDINGS_CONFIG"), help="TOML file")
     token.set_defaults(handler=cmd_token)
+
+    keys = commands.add_parser(
+        "keys",
+        help="create, list and revoke API keys",
+        description="API keys for services, stored hashed in auth.api_keys_file. A running "
+        "server picks up changes within seconds.",
+    )
+    keys.add_argument("--config", default=os.environ.get("TIDINGS_CONFIG"), help="TOML file")
+    actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="create a key; prints it, once")
+    create.add_argument("subject", help="who the key is for")
+    create.add_argument("--subscribe", action="append", default=[], metavar="PATTERN")
+    create.add_argument("--publish", action="append", default=[], metavar="PATTERN")
+    create.add_argument("--admin", action="store_true", help="may manage keys, read metrics")
+    create.add_argument("--description", default="")
+    actions.add_parser("list", help="one JSON line per key (never the key itself)")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("id")
+    keys.set_defaults(handler=cmd_keys)
 
     from .client import cli as client_cli
 

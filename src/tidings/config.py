@@ -11,6 +11,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -99,9 +100,33 @@ class AuthSettings:
     jwt_issuer: str = ""
     jwt_leeway: Duration = Duration(5.0)
     jwks_url: str = ""
+    api_keys_file: str = ""  # JSON file of hashed API keys (tidings keys ...); "" = no API keys
     claim: str = "tidings"
     cookie: str = "tidings_token"
     allow_anonymous: bool = False  # serve a non-loopback address with auth off (explicit opt-in)
+
+
+@dataclass
+class LimitsSettings:
+    """Rates, open streams, channels per subscription, proxies, deadlines (docs/security.md).
+
+    Rates are requests per second (0: no limit); a burst is how many may come at once.
+    """
+
+    publish_rate: int = 1000  # publish requests per second per client address
+    publish_burst: int = 2000
+    subscribe_rate: int = 100  # opened streams, polls and history reads per second per address
+    subscribe_burst: int = 200
+    credential_publish_rate: int = 1000  # the same per credential (token subject), auth on
+    credential_publish_burst: int = 2000
+    credential_subscribe_rate: int = 100
+    credential_subscribe_burst: int = 200
+    max_streams_per_address: int = 256  # open SSE streams and held long polls; 0: no limit
+    max_streams: int = 10_000
+    max_channels: int = 64  # channel parameters in one subscription
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed (IPs, CIDRs)
+    header_timeout: Duration = Duration(10.0)  # from connecting or a request's first byte
+    idle_timeout: Duration = Duration(30.0)  # a keep-alive connection between requests
 
 
 @dataclass
@@ -113,11 +138,17 @@ class Settings:
     sse: SSESettings = field(default_factory=SSESettings)
     poll: PollSettings = field(default_factory=PollSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
 
 
 _POSITIVE = {"queue_size", "max_events", "max_batch", "default_limit", "max_limit",
              "max_event_bytes", "max_request_bytes", "heartbeat", "write_timeout", "trim_interval",
-             "max_age", "idempotency_window"}  # fmt: skip
+             "max_age", "idempotency_window", "max_channels", "header_timeout",
+             "idle_timeout"}  # fmt: skip
+_NON_NEGATIVE = {"publish_rate", "publish_burst", "subscribe_rate", "subscribe_burst",
+                 "credential_publish_rate", "credential_publish_burst",
+                 "credential_subscribe_rate", "credential_subscribe_burst",
+                 "max_streams_per_address", "max_streams"}  # fmt: skip
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
@@ -197,6 +228,8 @@ def _apply(settings: Settings, section: str, key: str, value: Any, where: str) -
     coerced = _coerce(f"{where} ({section}.{key})", hints[key], value)
     if key in _POSITIVE and not coerced > 0:
         raise ConfigError(f"{where} ({section}.{key}) must be greater than 0, not {value!r}")
+    if key in _NON_NEGATIVE and coerced < 0:
+        raise ConfigError(f"{where} ({section}.{key}) must be 0 (no limit) or more, not {value!r}")
     # Checked here rather than in ``_check`` so command-line overrides are checked too.
     if (section, key) == ("server", "port") and not 0 <= coerced < 65536:
         raise ConfigError(
@@ -204,6 +237,15 @@ def _apply(settings: Settings, section: str, key: str, value: Any, where: str) -
         )
     if (section, key) == ("log", "path") and not coerced.strip():
         raise ConfigError(f"{where} (log.path) must name a file, not {value!r}")
+    if (section, key) == ("limits", "trusted_proxies"):
+        for item in coerced:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"{where} (limits.trusted_proxies): {item!r} is not an IP address or a "
+                    "CIDR network like 10.0.0.0/8"
+                ) from None
     setattr(group, key, coerced)
 
 
@@ -245,6 +287,15 @@ def _check(settings: Settings) -> None:
         raise ConfigError("http.default_limit must not exceed http.max_limit")
     if http.max_event_bytes > http.max_request_bytes:
         raise ConfigError("http.max_event_bytes must not exceed http.max_request_bytes")
+    limits = settings.limits
+    for prefix in ("", "credential_"):
+        for action in ("publish", "subscribe"):
+            rate = getattr(limits, f"{prefix}{action}_rate")
+            if rate and getattr(limits, f"{prefix}{action}_burst") < 1:
+                raise ConfigError(
+                    f"limits.{prefix}{action}_burst must be at least 1 while "
+                    f"limits.{prefix}{action}_rate is set (0 turns the limit off)"
+                )
 
 
 def as_dict(settings: Settings) -> dict[str, dict[str, Any]]:

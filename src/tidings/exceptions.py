@@ -13,6 +13,10 @@ The tree::
     │                               ``challenge`` is the ``WWW-Authenticate`` value (RFC 6750 §3)
     ├── Forbidden                   403 — a valid credential that does not grant the request
     ├── PayloadTooLarge             413 — a body over the configured limit
+    ├── TooManyRequests             429 ``rate_limited`` — over a rate limit of ``[limits]``;
+    │                               ``retry_after`` seconds (the ``Retry-After`` header)
+    ├── TooManyConnections          429 ``too_many_connections`` — an address holds its limit
+    │                               of open streams; 503 when the whole server holds its limit
     ├── Unavailable                 503 — the hub is shutting down or not started
     └── ConfigError                 configuration is invalid (the CLI turns it into exit code 2)
 
@@ -21,6 +25,8 @@ WebSocket close code, gRPC status); the message is always meant for a human.
 """
 
 from __future__ import annotations
+
+import math
 
 
 class TidingsError(Exception):
@@ -96,6 +102,30 @@ class Forbidden(TidingsError):
 class PayloadTooLarge(TidingsError):
     status = 413
     code = "payload_too_large"
+
+
+class TooManyRequests(TidingsError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, detail: str, *, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    @property
+    def retry_after_header(self) -> str:
+        """``Retry-After`` in whole seconds (RFC 9110 §10.2.3), at least 1."""
+        return str(max(1, math.ceil(self.retry_after)))
+
+
+class TooManyConnections(TidingsError):
+    status = 429
+    code = "too_many_connections"
+
+    def __init__(self, detail: str, *, total: bool = False) -> None:
+        super().__init__(detail)
+        if total:  # the server is full, not this client's fault: RFC 9110 §15.6.4
+            self.status = 503
 
 
 class Unavailable(TidingsError):

@@ -144,6 +144,18 @@ def _document() -> dict[str, Any]:
             "/healthz": {"get": {"summary": "Liveness and the current cursor", "responses": {"200": {"description": "OK"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (needs an admin grant)", "parameters": [TOKEN],
                                  "responses": {"200": {"description": "text exposition format"}, **REFUSALS}}},
+            "/keys": {
+                "get": {"summary": "List API keys (admin); never shows a key or its hash", "responses": {"200": {"description": "{keys: [...]}"}, **REFUSALS, "404": _ERROR}},
+                "post": {"summary": "Create an API key (admin); the answer is the only time the key is shown",
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "required": ["subject"], "properties": {
+                             "subject": {"type": "string"}, "subscribe": {"type": "array", "items": PATTERN_TEXT},
+                             "publish": {"type": "array", "items": PATTERN_TEXT}, "admin": {"type": "boolean"}, "description": {"type": "string"}}}}}},
+                         "responses": {"201": {"description": "The record and its key"}, **REFUSALS, "404": _ERROR}},
+            },
+            "/keys/{key_id}": {
+                "delete": {"summary": "Revoke an API key (admin)", "parameters": [{"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                           "responses": {"200": {"description": "The revoked record"}, **REFUSALS, "404": _ERROR}},
+            },
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
         },
         "security": [{"bearer": []}, {}],

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import signal
 import socket
 import threading
@@ -28,15 +29,16 @@ from starlette.routing import Route
 
 from . import brokers
 from . import log as logs
-from .auth import Authenticator, JWKSCache, JWTSettings
+from .auth import Authenticator, JWKSCache, JWTSettings, KeyStore
 from .config import AuthSettings, Settings
 from .exceptions import ConfigError
 from .hub import Hub
+from .limits import Limits
 from .loading import load
 from .log import Log
 from .metrics import Metrics
 from .openapi import openapi_document
-from .transports import Context, http, origins, polling, sse
+from .transports import Context, admin, http, origins, polling, sse
 
 logger = logging.getLogger("tidings")
 
@@ -68,12 +70,21 @@ def read_file(path: str, what: str) -> str:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
 
 
+def make_key_store(cfg: AuthSettings) -> KeyStore | None:
+    if not cfg.api_keys_file:
+        return None
+    store = KeyStore(cfg.api_keys_file)
+    store.load()
+    return store
+
+
 def make_authenticator(cfg: AuthSettings) -> Authenticator:
-    """JWT verification from ``[auth]``; keys are read from files here, once, at start-up."""
+    """JWT verification and API keys from ``[auth]``; files are read here, at start-up."""
+    api_keys = make_key_store(cfg)
     if not cfg.jwt_algorithms:
         if cfg.jwt_secret or cfg.jwt_secret_file or cfg.jwt_public_key_files or cfg.jwks_url:
             raise ConfigError("auth keys are configured but auth.jwt_algorithms is empty")
-        return Authenticator(None)
+        return Authenticator(None, api_keys=api_keys)
     secret = cfg.jwt_secret or None
     if cfg.jwt_secret_file:
         secret = read_file(cfg.jwt_secret_file, "auth.jwt_secret_file").strip()
@@ -90,7 +101,7 @@ def make_authenticator(cfg: AuthSettings) -> Authenticator:
     )
     jwks = JWKSCache(cfg.jwks_url) if cfg.jwks_url else None
     try:
-        return Authenticator(settings, jwks=jwks)
+        return Authenticator(settings, jwks=jwks, api_keys=api_keys)
     except ConfigError as exc:
         raise ConfigError(f"[auth] settings: {exc.detail}") from None
 
@@ -117,12 +128,17 @@ def build_app(hub: Hub, settings: Settings, auth: Authenticator | None = None) -
         Route("/healthz", http.healthz, methods=["GET"]),
         Route("/metrics", http.metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/keys", admin.list_keys, methods=["GET"]),
+        Route("/keys", admin.create_key, methods=["POST"]),
+        Route("/keys/{key_id}", admin.revoke_key, methods=["DELETE"]),
     ]
     app = Starlette(routes=routes, exception_handlers=http.exception_handlers)
     app.router.redirect_slashes = False  # "/publish/" is a 404 with a JSON body, not a redirect
     if auth is None:
         auth = make_authenticator(settings.auth)
-    app.state.tidings = Context(hub, settings, sse.Streams(settings.sse), auth)
+    app.state.tidings = Context(
+        hub, settings, sse.Streams(settings.sse), auth, Limits(settings.limits)
+    )
     return app
 
 
@@ -212,6 +228,8 @@ class Tidings:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._trim_loop())
                 tasks.create_task(self.context.streams.run(self._stopping))
+                if auth.api_keys is not None:
+                    tasks.create_task(auth.api_keys.watch(self._stopping))
                 if auth.jwks is not None:
                     await auth.jwks.refresh()
                     tasks.create_task(auth.jwks.run(self._stopping))
@@ -237,6 +255,8 @@ class Tidings:
             access_log=server_cfg.access_log,
             log_level="warning",
             timeout_graceful_shutdown=max(1, int(server_cfg.shutdown_grace)),
+            # uvicorn takes whole seconds; docs/security.md says what this deadline covers.
+            timeout_keep_alive=max(1, math.ceil(self.settings.limits.idle_timeout)),
             server_header=False,
         )
         if server_cfg.access_log:

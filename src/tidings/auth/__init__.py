@@ -28,6 +28,8 @@ from jwt.types import Options
 
 from ..events import Pattern
 from ..exceptions import ConfigError, Forbidden, InvalidPattern, Unauthorized
+from .apikeys import PREFIX as API_KEY_PREFIX
+from .apikeys import KeyStore
 from .grants import ANONYMOUS, Grant, contains, covers, quote
 from .keys import (
     ALGORITHMS,
@@ -52,6 +54,7 @@ __all__ = [
     "Grant",
     "JWKSCache",
     "JWTSettings",
+    "KeyStore",
     "Unauthorized",
     "contains",
     "covers",
@@ -102,14 +105,17 @@ class Authenticator:
         jwt: JWTSettings | None,
         *,
         jwks: JWKSCache | None = None,
+        api_keys: KeyStore | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.settings = jwt if jwt is not None else JWTSettings()
         self.jwks = jwks
+        self.api_keys = api_keys
         self._now = now
-        self._enabled = jwks is not None or self.settings != JWTSettings()
+        self._jwt = jwks is not None or self.settings != JWTSettings()
+        self._enabled = self._jwt or api_keys is not None
         self._keys: list[PublicKey] = []
-        if self._enabled:
+        if self._jwt:
             self._check_settings()
 
     @property
@@ -174,6 +180,10 @@ class Authenticator:
             return ANONYMOUS
         if not token:
             raise Unauthorized(NO_CREDENTIAL, error=None)  # RFC 6750 §3.1: no error code
+        if token.startswith(API_KEY_PREFIX) and self.api_keys is not None:
+            return self.api_keys.verify(token)
+        if not self._jwt:
+            raise Unauthorized("this server accepts API keys (tdk_...) only, not JWTs")
         if len(token) > MAX_TOKEN_LENGTH:
             raise Unauthorized(
                 f"malformed token: {len(token)} characters; the limit is {MAX_TOKEN_LENGTH}"
@@ -349,8 +359,8 @@ class Authenticator:
         configuration would refuse the token it just minted.
         """
         s = self.settings
-        if not self._enabled:
-            raise ConfigError("auth is not configured: there is no key to sign tokens with")
+        if not self._jwt:
+            raise ConfigError("JWT auth is not configured: there is no key to sign tokens with")
         if not (math.isfinite(ttl) and ttl > 0):
             raise ConfigError(f"a token's lifetime must be positive, not {ttl}")
         grants = {

@@ -1,13 +1,15 @@
 """Transports: each module turns one protocol into calls on the hub, and nothing more.
 
-Shared here: the per-server context every HTTP route reads, and the parsing of the query
+Shared here: the per-server context every HTTP route reads, the parsing of the query
 parameters all subscribe endpoints share (``channel`` repeatable, ``since``, ``limit``, ``wait``),
-so one URL shape serves every subscribe endpoint and every one rejects input the same way.
+so one URL shape serves every subscribe endpoint and every one rejects input the same way, and
+``admit``, the gate (rate limits and authentication) every publish and subscribe passes.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,7 @@ from ..config import Settings
 from ..events import Cursor, Pattern, parse_patterns
 from ..exceptions import InvalidCursor, InvalidParameter
 from ..hub import Hub
+from ..limits import Action, Limits
 
 if TYPE_CHECKING:
     from .sse import Streams
@@ -30,6 +33,7 @@ class Context:
     settings: Settings
     streams: Streams
     auth: Authenticator
+    limits: Limits
 
 
 def context(request: Request) -> Context:
@@ -55,14 +59,16 @@ class Query:
             raise InvalidParameter(f"query parameter {name!r} was given {len(values)} times")
         return values[0] if values else None
 
-    def patterns(self) -> tuple[Pattern, ...]:
+    def patterns(self, limit: int) -> tuple[Pattern, ...]:
         values = self.params.getlist("channel")
         if not values:
             raise InvalidParameter(
                 "query parameter 'channel' is required (a channel or pattern; repeat it for more)"
             )
-        if len(values) > 64:
-            raise InvalidParameter(f"at most 64 channel parameters, not {len(values)}")
+        if len(values) > limit:
+            raise InvalidParameter(
+                f"at most {limit} channel parameters (limits.max_channels), not {len(values)}"
+            )
         return parse_patterns(values)
 
     def cursor(self, name: str = "since") -> Cursor | None:
@@ -139,3 +145,18 @@ def authenticate(request: Request, query: Query | None = None) -> Grant:
     if token is None and query is not None:
         token = query.one("token") or request.cookies.get(ctx.settings.auth.cookie)
     return ctx.auth.authenticate(token)
+
+
+def admit(request: Request, action: Action, query: Query | None = None) -> tuple[Grant, str]:
+    """The gate of every publish and subscribe: the client address's rate limit (before any
+    work, so refused floods stay cheap), then authentication, then the credential's rate limit.
+    Returns the grant and the client address."""
+    ctx = context(request)
+    limits = ctx.limits
+    address = limits.address(request.scope)
+    now = time.monotonic()
+    limits.check_address(action, address, now)
+    grant = authenticate(request, query)
+    if ctx.auth.enabled:  # with auth off every client is "anonymous": one shared key is no limit
+        limits.check_credential(action, grant.subject, now)
+    return grant, address

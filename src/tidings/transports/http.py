@@ -17,9 +17,9 @@ from starlette.responses import Response
 
 from ..auth import Unauthorized
 from ..events import Cursor, Draft, Event, Pattern, is_json_type, make_draft
-from ..exceptions import BadRequest, InvalidEvent, PayloadTooLarge, TidingsError
+from ..exceptions import BadRequest, InvalidEvent, PayloadTooLarge, TidingsError, TooManyRequests
 from ..hub import Subscription
-from . import Query, authenticate, context, resume_cursor
+from . import Query, admit, authenticate, context, resume_cursor
 
 JSON = "application/json"
 
@@ -38,7 +38,11 @@ def error_response(
 
 async def tidings_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TidingsError)
-    headers = {"WWW-Authenticate": exc.challenge} if isinstance(exc, Unauthorized) else None
+    headers = None
+    if isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": exc.challenge}
+    elif isinstance(exc, TooManyRequests):
+        headers = {"Retry-After": exc.retry_after_header}
     return error_response(exc.status, exc.code, exc.detail, headers)
 
 
@@ -94,7 +98,7 @@ def _content_type(request: Request) -> str | None:
 async def publish(request: Request) -> Response:
     """POST /channels/{channel}: the body is the event's data."""
     ctx = context(request)
-    grant = authenticate(request)
+    grant, _ = admit(request, "publish")
     query = Query(request, ("type",))
     channel = request.path_params["channel"]
     data = await read_body(request, ctx.settings.http.max_event_bytes, "event data")
@@ -159,7 +163,7 @@ def _batch_draft(item: Any, index: int) -> Draft:
 async def publish_batch(request: Request) -> Response:
     """POST /publish: ``{"events": [...]}``, appended atomically in order."""
     ctx = context(request)
-    grant = authenticate(request)
+    grant, _ = admit(request, "publish")
     Query(request, ())
     limits = ctx.settings.http
     body = await read_body(request, limits.max_request_bytes, "request body")
@@ -197,8 +201,8 @@ async def history(request: Request) -> Response:
     """GET /history: events after ``since`` (default: the oldest retained), up to ``limit``."""
     ctx = context(request)
     query = Query(request, ("channel", "since", "limit", "token"))
-    grant = authenticate(request, query)
-    patterns: tuple[Pattern, ...] = query.patterns()
+    grant, _ = admit(request, "subscribe", query)
+    patterns: tuple[Pattern, ...] = query.patterns(ctx.settings.limits.max_channels)
     grant.check_subscribe(patterns)
     limits = ctx.settings.http
     limit = query.integer("limit", limits.default_limit, 1, limits.max_limit)

@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from ..events import Cursor, Event
 from ..hub import Subscription
-from . import Query, authenticate, context
+from . import Query, admit, context
 from .http import json_response, page_body
 
 
@@ -60,8 +60,8 @@ async def poll(request: Request) -> Response:
     ctx = context(request)
     settings = ctx.settings
     query = Query(request, ("channel", "since", "limit", "wait", "token"))
-    grant = authenticate(request, query)
-    patterns = query.patterns()
+    grant, address = admit(request, "subscribe", query)
+    patterns = query.patterns(settings.limits.max_channels)
     grant.check_subscribe(patterns)
     limit = query.integer("limit", settings.http.default_limit, 1, settings.http.max_limit)
     wait = query.seconds("wait", 0.0, settings.poll.max_wait)
@@ -71,14 +71,20 @@ async def poll(request: Request) -> Response:
         since = validator = etag_cursor(request.headers.get("if-none-match"))
     transport = "longpoll" if wait > 0 else "poll"
     hub = ctx.hub
-    sub = await hub.subscribe(patterns, since, transport)
+    # A long poll may be held: it counts as an open stream, refused before subscribing.
+    slot = ctx.limits.streams.acquire(address) if wait > 0 else None
     try:
-        events = await sub.poll_batch(limit)
-        if not events and wait > 0 and sub.recovered:
-            events = await hold(request, sub, limit, wait)
-        more = sub.more
+        sub = await hub.subscribe(patterns, since, transport)
+        try:
+            events = await sub.poll_batch(limit)
+            if not events and wait > 0 and sub.recovered:
+                events = await hold(request, sub, limit, wait)
+            more = sub.more
+        finally:
+            sub.close()
     finally:
-        sub.close()
+        if slot is not None:
+            slot.release()
     if events:
         hub.metrics.delivered.labels(transport).inc(len(events))
     headers = {"ETag": f'"{sub.cursor}"', "Cache-Control": "no-cache"}

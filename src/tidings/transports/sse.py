@@ -33,8 +33,9 @@ from .. import sse
 from ..config import SSESettings
 from ..exceptions import Unavailable
 from ..hub import Subscription
+from ..limits import Slot
 from ..metrics import Metrics
-from . import Query, authenticate, context, resume_cursor
+from . import Query, admit, context, resume_cursor
 
 log = logging.getLogger("tidings.sse")
 
@@ -51,20 +52,25 @@ PING = sse.comment("ping")
 async def stream(request: Request) -> Response:
     ctx = context(request)
     query = Query(request, ("channel", "since", "token"))
-    grant = authenticate(request, query)
-    patterns = query.patterns()
+    grant, address = admit(request, "subscribe", query)
+    patterns = query.patterns(ctx.settings.limits.max_channels)
     grant.check_subscribe(patterns)
     since = resume_cursor(query, request.headers.get("last-event-id"))
     if request.method == "HEAD":  # headers only: no subscription to hold open
         return Response(headers=PLAIN_HEADERS)
+    slot = ctx.limits.streams.acquire(address)  # refused before subscribing; EventStream frees it
     try:
         sub = await ctx.hub.subscribe(patterns, since, "sse")
     except Unavailable:
+        slot.release()
         # An EventSource gives up for good on an error status, but reconnects after a stream
         # that ends: while shutting down, answer with retry advice and an empty stream.
         retry = b"retry: %d\n\n" % int(ctx.settings.sse.retry * 1000)  # no data: no event
         return Response(retry, headers=PLAIN_HEADERS)
-    return EventStream(sub, ctx.streams, ctx.hub.metrics)
+    except BaseException:
+        slot.release()
+        raise
+    return EventStream(sub, ctx.streams, ctx.hub.metrics, slot)
 
 
 class Streams:
@@ -93,8 +99,11 @@ class Streams:
 class EventStream(Response):
     """Writes one subscription to the client until it ends or the client goes away."""
 
-    def __init__(self, sub: Subscription, streams: Streams, metrics: Metrics) -> None:
+    def __init__(
+        self, sub: Subscription, streams: Streams, metrics: Metrics, slot: Slot | None = None
+    ) -> None:
         self.sub = sub
+        self.slot = slot  # this stream's place in the open-stream count, freed when it ends
         self.streams = streams
         self.settings = streams.settings
         self.metrics = metrics
@@ -150,6 +159,8 @@ class EventStream(Response):
         finally:
             self.streams.open.discard(self)
             self.sub.close()
+            if self.slot is not None:
+                self.slot.release()
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
