@@ -59,7 +59,14 @@ class Server:
         self.port = args.port or free_port()
         self.tmp = tempfile.mkdtemp(prefix="tidings-bench-")
         self.db = os.path.join(self.tmp, "bench.db")
-        self.env = dict(env or {})
+        # The load generator is one address sending far past the per-address defaults of
+        # [limits]; the benchmark measures the hub, not the rate limiter, so lift them.
+        self.env = {
+            "TIDINGS_LIMITS_PUBLISH_RATE": "0",
+            "TIDINGS_LIMITS_SUBSCRIBE_RATE": "0",
+            "TIDINGS_LIMITS_MAX_STREAMS_PER_ADDRESS": "0",
+            **(env or {}),
+        }
         if args.queue_size:
             self.env["TIDINGS_HUB_QUEUE_SIZE"] = str(args.queue_size)
         python = args.python or sys.executable

@@ -115,13 +115,13 @@ class LimitsSettings:
 
     publish_rate: int = 1000  # publish requests per second per client address
     publish_burst: int = 2000
-    subscribe_rate: int = 100  # opened streams, polls and history reads per second per address
-    subscribe_burst: int = 200
+    subscribe_rate: int = 1000  # opened streams, polls, history reads per second per address
+    subscribe_burst: int = 2000
     credential_publish_rate: int = 1000  # the same per credential (token subject), auth on
     credential_publish_burst: int = 2000
     credential_subscribe_rate: int = 100
     credential_subscribe_burst: int = 200
-    max_streams_per_address: int = 256  # open SSE streams and held long polls; 0: no limit
+    max_streams_per_address: int = 1000  # open SSE streams and held long polls; 0: no limit
     max_streams: int = 10_000
     max_channels: int = 64  # channel parameters in one subscription
     trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed (IPs, CIDRs)

@@ -7,7 +7,7 @@ Rules:
   dict lookup and a few float operations.
 - Memory is bounded: a limiter keeps at most ``MAX_KEYS`` buckets, least recently used first out,
   and drops buckets that have refilled (a full bucket is the same as no bucket); the stream
-  counter only holds addresses with a stream open.
+  counter only holds addresses with a stream open; parsed proxy hops are memoised, 4096 at most.
 - The client address is the socket's peer. ``X-Forwarded-For`` counts only when that peer is a
   trusted proxy, and then the rightmost address that is not a trusted proxy is the client.
 - IPv6 clients are limited per /64 network: one host usually holds a whole /64, so limiting
@@ -16,6 +16,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import OrderedDict
@@ -28,7 +29,7 @@ from starlette.types import Scope
 from .config import LimitsSettings
 from .exceptions import ConfigError, TooManyConnections, TooManyRequests
 
-MAX_KEYS = 100_000  # buckets per limiter; at ~150 bytes each, 15 MB at most
+MAX_KEYS = 100_000  # buckets per limiter; ~180 bytes each with its key: under 20 MB
 _EPSILON = 1e-9  # float error of summing 1/rate many times must not refuse the burst's last token
 
 Action = Literal["publish", "subscribe"]
@@ -230,29 +231,45 @@ def client_key(host: str) -> str:
     return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
-def client_address(peer: str, forwarded: Sequence[str], trusted: Sequence[IPNetwork]) -> str:
-    """Who the client is, as :func:`client_key` names it.
+class Proxies:
+    """The trusted proxies (``limits.trusted_proxies``), and who a request's client is."""
 
-    ``forwarded`` are the ``X-Forwarded-For`` field values in order. Each proxy appends the
-    address it received the request from, so reading right to left, every hop up to the first
-    untrusted one was written by a proxy we trust; anything left of that is the client's own say.
-    An entry that is not an address ends the walk at the proxy that wrote it.
-    """
-    if not trusted:
-        return client_key(peer)
-    peer_ip = _ip(peer)
-    if peer_ip is None or not any(peer_ip in net for net in trusted):
-        return client_key(peer)
-    client = peer_ip
-    hops = [hop for value in forwarded for hop in value.split(",")]
-    for hop in reversed(hops):
-        ip = _ip(hop)
+    def __init__(self, networks: Sequence[IPNetwork]) -> None:
+        self.networks = tuple(networks)
+        # Parsing an address costs more than all the rest of a limit check, and the same proxies
+        # and clients come back again and again: remember the last few thousand (bounded).
+        self._hop = functools.lru_cache(maxsize=4096)(self._parse_hop)
+
+    def _parse_hop(self, text: str) -> tuple[str, bool] | None:
+        """``(client key, is a trusted proxy)`` for an address, None if ``text`` is not one."""
+        ip = _ip(text)
         if ip is None:
-            break
-        client = ip
-        if not any(ip in net for net in trusted):
-            break
-    return client_key(str(client))
+            return None
+        return client_key(str(ip)), any(ip in net for net in self.networks)
+
+    def client(self, peer: str, forwarded: Sequence[str]) -> str:
+        """Who the client is, as :func:`client_key` names it.
+
+        ``forwarded`` are the ``X-Forwarded-For`` field values in order. Each proxy appends the
+        address it received the request from, so reading right to left, every hop up to the
+        first untrusted one was written by a proxy we trust; anything left of that is the
+        client's own say. An entry that is not an address ends the walk at the proxy that wrote
+        it.
+        """
+        if not self.networks:
+            return client_key(peer)
+        hop = self._hop(peer)
+        if hop is None or not hop[1]:
+            return client_key(peer)
+        client = hop[0]
+        for text in reversed([h for value in forwarded for h in value.split(",")]):
+            hop = self._hop(text.strip())
+            if hop is None:
+                break
+            client = hop[0]
+            if not hop[1]:
+                break
+        return client
 
 
 # -- the limits of one server --------------------------------------------------------------------
@@ -273,8 +290,8 @@ class _Rule:
             bucket = self.limiter.bucket
             who = key if self.kind == "address" else repr(key[:80])
             raise TooManyRequests(
-                f"rate limit: at most {bucket.rate:g} {self.action} requests per second "
-                f"(burst {bucket.burst}) for {self.kind} {who} ({self.setting}); "
+                f"{self.action} rate limit for {self.kind} {who}: {bucket.rate:g} requests per "
+                f"second, burst {bucket.burst} ({self.setting}); "
                 f"retry in {math.ceil(wait * 1000) / 1000:g} s",
                 retry_after=wait,
             )
@@ -293,7 +310,7 @@ class Limits:
 
     def __init__(self, settings: LimitsSettings) -> None:
         self.settings = settings
-        self.trusted = parse_networks(settings.trusted_proxies)
+        self.proxies = Proxies(parse_networks(settings.trusted_proxies))
         actions: tuple[Action, ...] = ("publish", "subscribe")
         self.by_address = {a: _rule(settings, a, "address") for a in actions}
         self.by_credential = {a: _rule(settings, a, "credential") for a in actions}
@@ -303,10 +320,10 @@ class Limits:
         """The client address of an ASGI connection."""
         client = scope.get("client")
         peer = client[0] if client else "unknown"
-        if not self.trusted:
+        if not self.proxies.networks:
             return client_key(peer)
         forwarded = [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"]
-        return client_address(peer, forwarded, self.trusted)
+        return self.proxies.client(peer, forwarded)
 
     def check_address(self, action: Action, address: str, now: float) -> None:
         rule = self.by_address[action]

@@ -21,11 +21,13 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import brokers
 from . import log as logs
@@ -142,6 +144,68 @@ def build_app(hub: Hub, settings: Settings, auth: Authenticator | None = None) -
     return app
 
 
+class HeaderDeadline(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's line and headers.
+
+    uvicorn's own ``timeout_keep_alive`` runs only from the end of a response to the first byte
+    of the next request: nothing bounds a connection that never sends a request, or one that
+    sends its headers a byte at a time (slowloris). This timer starts when the connection opens
+    and when a request's first byte arrives, and stops when its headers are complete. When it
+    fires, a request that had begun gets ``408`` (RFC 9110 §15.5.9), and the connection closes.
+    """
+
+    header_timeout: float = 10.0  # set per server by ``header_deadline``
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_begun = False
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_expired)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_begun = True
+        if self._head_timer is None:  # a later request on a kept-alive connection
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_expired)
+
+    def on_headers_complete(self) -> None:
+        self._stop_head_timer()
+        self._head_begun = False
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        # Not while an earlier response is still being written (a stream, then a pipelined
+        # request that stalls): the 408 would land inside that response.
+        if self._head_begun and (self.cycle is None or self.cycle.response_complete):
+            detail = (
+                f"the request line and headers did not arrive within {self.header_timeout:g} s "
+                "(limits.header_timeout)"
+            )
+            body = orjson.dumps({"error": "request_timeout", "detail": detail})
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+        self.transport.close()
+
+
+def header_deadline(seconds: float) -> type[HeaderDeadline]:
+    """The protocol class for a server whose request heads must arrive within ``seconds``."""
+    return type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": seconds})
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server without its signal handling: ``Tidings`` owns shutdown."""
 
@@ -250,11 +314,14 @@ class Tidings:
         server_cfg = self.settings.server
         config = uvicorn.Config(
             self.asgi,
-            http="httptools",
+            http=header_deadline(self.settings.limits.header_timeout),
             lifespan="off",
             access_log=server_cfg.access_log,
             log_level="warning",
             timeout_graceful_shutdown=max(1, int(server_cfg.shutdown_grace)),
+            # X-Forwarded-For is read by limits.trusted_proxies alone; uvicorn's own reading
+            # would trust it from 127.0.0.1 and rewrite the client address before we see it.
+            proxy_headers=False,
             # uvicorn takes whole seconds; docs/security.md says what this deadline covers.
             timeout_keep_alive=max(1, math.ceil(self.settings.limits.idle_timeout)),
             server_header=False,

@@ -27,7 +27,7 @@ from .http import error_response
 
 HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "ce-type", "Last-Event-ID",
            "If-None-Match")  # fmt: skip
-EXPOSED = ("ETag", "Idempotent-Replayed", "WWW-Authenticate")
+EXPOSED = ("ETag", "Idempotent-Replayed", "WWW-Authenticate", "Retry-After")
 
 
 class OriginGuard:
