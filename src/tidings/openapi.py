@@ -57,7 +57,7 @@ TOKEN = _param(
     "The credential, for clients that cannot send `Authorization` (EventSource, links). GET only.",
     {"type": "string"},
 )
-REFUSALS = {"400": _ERROR, "401": _ERROR, "403": _ERROR}
+REFUSALS = {"400": _ERROR, "401": _ERROR, "403": _ERROR, "429": _ERROR}
 
 PAGE = {"$ref": "#/components/schemas/Page"}
 
@@ -89,7 +89,7 @@ def _document() -> dict[str, Any]:
                             "headers": {"Idempotent-Replayed": {"schema": {"type": "string"}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Event"}}},
                         },
-                        "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR, "503": _ERROR,
+                        "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR, "429": _ERROR, "503": _ERROR,
                     },
                 }
             },
@@ -100,7 +100,7 @@ def _document() -> dict[str, Any]:
                     "responses": {
                         "201": {"description": "All events are in history.", "content": {"application/json": {"schema": {
                             "type": "object", "properties": {"events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}}}}}}},
-                        "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR, "503": _ERROR,
+                        "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR, "429": _ERROR, "503": _ERROR,
                     },
                 }
             },
