@@ -181,3 +181,37 @@ def test_keys_command_without_a_keys_file_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "auth.api_keys_file" in result.stderr
+
+
+def test_a_revoked_key_is_refused_by_every_endpoint(server: RunningServer, keys_file: Path) -> None:
+    store = KeyStore(str(keys_file))
+    key, record = store.create("ops", subscribe=["**"], publish=["**"], admin=True)
+    requests: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/channels/a", {"json": 1}),
+        ("POST", "/publish", {"json": {"events": [{"channel": "a", "data": 1}]}}),
+        ("GET", "/history", {"params": {"channel": "a"}}),
+        ("GET", "/poll", {"params": {"channel": "a"}}),
+        ("GET", "/sse", {"params": {"channel": "a"}}),
+        ("GET", "/metrics", {}),
+        ("GET", "/keys", {}),
+    ]
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        wait_for(
+            lambda: client.get("/keys", headers=bearer(key)).status_code == 200,
+            what="the key accepted",
+        )
+        for method, path, kwargs in requests:
+            if path == "/sse":
+                with client.stream(method, path, headers=bearer(key), **kwargs) as response:
+                    assert response.status_code == 200, path
+            else:
+                assert client.request(method, path, headers=bearer(key), **kwargs).is_success
+        store.revoke(record.id)
+        wait_for(
+            lambda: client.get("/keys", headers=bearer(key)).status_code == 401,
+            what="the revocation seen",
+        )
+        for method, path, kwargs in requests:
+            response = client.request(method, path, headers=bearer(key), **kwargs)
+            assert response.status_code == 401, (path, response.text)
+            assert "revoked" in response.json()["detail"], path
