@@ -215,3 +215,30 @@ def test_a_revoked_key_is_refused_by_every_endpoint(server: RunningServer, keys_
             response = client.request(method, path, headers=bearer(key), **kwargs)
             assert response.status_code == 401, (path, response.text)
             assert "revoked" in response.json()["detail"], path
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs"),
+    [
+        ("GET", "/keys", {}),
+        ("POST", "/keys", {"json": {"subject": "x"}}),
+        ("DELETE", "/keys/000000000000", {}),
+    ],
+)
+def test_key_management_needs_an_admin_credential(
+    server: RunningServer, keys_file: Path, method: str, path: str, kwargs: dict[str, Any]
+) -> None:
+    store = KeyStore(str(keys_file))
+    user, _ = store.create("svc", subscribe=["**"], publish=["**"])
+    admin, _ = store.create("ops", admin=True)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        wait_for(
+            lambda: client.get("/keys", headers=bearer(admin)).status_code == 200,
+            what="the keys loaded",
+        )
+        assert client.request(method, path, **kwargs).status_code == 401
+        refused = client.request(method, path, headers=bearer(user), **kwargs)
+        assert refused.status_code == 403 and "admin" in refused.json()["detail"]
+        allowed = client.request(method, path, headers=bearer(admin), **kwargs)
+        assert allowed.status_code in (200, 201, 404)  # 404: no key with that id
+        assert allowed.status_code != 404 or "no API key" in allowed.json()["detail"]
