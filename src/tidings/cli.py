@@ -154,6 +154,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grant_arguments(parser: argparse.ArgumentParser) -> None:
+    """The grant of a token or an API key: what it may subscribe and publish to, and admin."""
+    parser.add_argument("--subscribe", action="append", default=[], metavar="PATTERN")
+    parser.add_argument("--publish", action="append", default=[], metavar="PATTERN")
+    parser.add_argument("--admin", action="store_true", help="may read metrics and manage keys")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidings", description="A real-time notification hub.")
     parser.add_argument("--version", action="version", version=f"tidings {__version__}")
@@ -194,9 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(HS*) or the private key given with --private-key. Prints the token.",
     )
     token.add_argument("subject", help="the token's sub claim")
-    token.add_argument("--subscribe", action="append", default=[], metavar="PATTERN")
-    token.add_argument("--publish", action="append", default=[], metavar="PATTERN")
-    token.add_argument("--admin", action="store_true", help="may read metrics and manage keys")
+    _grant_arguments(token)
     token.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m, 1h, 7d (default 1h)")
     token.add_argument("--private-key", help="PEM private key file for RS/ES/EdDSA")
     token.add_argument("--config", default=os.environ.get("TIDINGS_CONFIG"), help="TOML file")
@@ -212,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = actions.add_parser("create", help="create a key; prints it, once")
     create.add_argument("subject", help="who the key is for")
-    create.add_argument("--subscribe", action="append", default=[], metavar="PATTERN")
-    create.add_argument("--publish", action="append", default=[], metavar="PATTERN")
-    create.add_argument("--admin", action="store_true", help="may manage keys, read metrics")
+    _grant_arguments(create)
     create.add_argument("--description", default="")
     actions.add_parser("list", help="one JSON line per key (never the key itself)")
     revoke = actions.add_parser("revoke", help="revoke a key by its id")
