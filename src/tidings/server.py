@@ -40,6 +40,7 @@ from .loading import load
 from .log import Log
 from .metrics import Metrics
 from .openapi import openapi_document
+from .periodic import every
 from .transports import Context, admin, http, origins, polling, sse
 
 logger = logging.getLogger("tidings")
@@ -332,13 +333,7 @@ class Tidings:
         return config
 
     async def _trim_loop(self) -> None:
-        interval = self.settings.log.trim_interval
-        while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._stopping.wait()
-            if self._stopping.is_set():
-                return
+        async for _ in every(self.settings.log.trim_interval, self._stopping):
             try:
                 removed = await self.hub.log.trim()
             except Exception:  # a failed trim is retried next interval; the hub keeps serving

@@ -31,6 +31,7 @@ import orjson
 
 from ..events import Pattern, format_time, parse_patterns
 from ..exceptions import ConfigError, TidingsError, Unauthorized
+from ..periodic import every
 from .grants import Grant
 
 PREFIX = "tdk_"
@@ -117,10 +118,7 @@ class KeyStore:
 
     async def watch(self, stopping: asyncio.Event, interval: float = 2.0) -> None:
         """Re-read the file when it changes, until ``stopping`` (owned by the server)."""
-        while not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await stopping.wait()
+        async for _ in every(interval, stopping):
             if self.changed():
                 with contextlib.suppress(ConfigError):  # keep serving the last good keys
                     self.load()

@@ -21,7 +21,6 @@ delivery in ``benchmarks/run.py latency``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import orjson
@@ -35,6 +34,7 @@ from ..exceptions import Unavailable
 from ..hub import Subscription
 from ..limits import Slot
 from ..metrics import Metrics
+from ..periodic import every
 from . import Query, admit, context, resume_cursor
 
 log = logging.getLogger("tidings.sse")
@@ -87,10 +87,7 @@ class Streams:
     async def run(self, stopping: asyncio.Event) -> None:
         """Tick until ``stopping`` is set (owned by the server's task group)."""
         loop = asyncio.get_running_loop()
-        while not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
-                    await stopping.wait()
+        async for _ in every(self.interval, stopping):
             now = loop.time()
             for stream in list(self.open):
                 stream.tick(now)
