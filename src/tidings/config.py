@@ -84,6 +84,16 @@ class SSESettings:
 
 
 @dataclass
+class WebSocketSettings:
+    ping_interval: Duration = Duration(20.0)  # ping a connection that sent nothing for this long
+    ping_timeout: Duration = Duration(20.0)  # close one that does not answer within this
+    auth_timeout: Duration = Duration(10.0)  # auth on: close a connection with no credential
+    max_message: Size = Size(256 * 1024)  # the largest client message (close 1009 above)
+    max_subscriptions: int = 64  # per connection
+    compression: bool = False  # offer permessage-deflate
+
+
+@dataclass
 class PollSettings:
     max_wait: Duration = Duration(60.0)
 
@@ -136,6 +146,7 @@ class Settings:
     hub: HubSettings = field(default_factory=HubSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
     sse: SSESettings = field(default_factory=SSESettings)
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     poll: PollSettings = field(default_factory=PollSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
@@ -144,7 +155,8 @@ class Settings:
 _POSITIVE = {"queue_size", "max_events", "max_batch", "default_limit", "max_limit",
              "max_event_bytes", "max_request_bytes", "heartbeat", "write_timeout", "trim_interval",
              "max_age", "idempotency_window", "max_channels", "header_timeout",
-             "idle_timeout"}  # fmt: skip
+             "idle_timeout", "ping_interval", "ping_timeout", "auth_timeout", "max_message",
+             "max_subscriptions"}  # fmt: skip
 _NON_NEGATIVE = {"publish_rate", "publish_burst", "subscribe_rate", "subscribe_burst",
                  "credential_publish_rate", "credential_publish_burst",
                  "credential_subscribe_rate", "credential_subscribe_burst",

@@ -8,7 +8,9 @@ The tree::
     │   ├── InvalidPattern          a subscription pattern breaks the naming rules
     │   ├── InvalidCursor           a cursor is not ``epoch:sequence``
     │   ├── InvalidEvent            event type, content type or data is unacceptable
-    │   └── InvalidParameter        an unknown, missing or out-of-range query parameter
+    │   ├── InvalidParameter        an unknown, missing or out-of-range query parameter
+    │   └── InvalidMessage          a WebSocket message that is not a valid command; ``id`` is
+    │                               the message's id when it could be read
     ├── Unauthorized                401 — no credential, or one that fails verification;
     │                               ``challenge`` is the ``WWW-Authenticate`` value (RFC 6750 §3)
     ├── Forbidden                   403 — a valid credential that does not grant the request
@@ -61,6 +63,14 @@ class InvalidEvent(BadRequest):
 
 class InvalidParameter(BadRequest):
     code = "invalid_parameter"
+
+
+class InvalidMessage(BadRequest):
+    code = "invalid_message"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.id: str | int | None = None
 
 
 def bearer_challenge(error: str | None = None, description: str | None = None) -> str:

@@ -167,7 +167,17 @@ class Subscription:
             self._discard_through(self.after)
             if page:
                 return page
-        if self.ended is not None:
+        return self.take(limit)
+
+    @property
+    def catching_up(self) -> bool:
+        """Whether history must still be read (``poll_batch``) before the live buffer."""
+        return self._catching_up and self.ended is None
+
+    def take(self, limit: int = 1000) -> list[Event]:
+        """The live events buffered now, at most ``limit``, without waiting: for transports
+        that write from a callback. Call only when not ``catching_up`` (then it returns [])."""
+        if self._catching_up or self.ended is not None:
             return []
         buffer = self._buffer
         if not buffer:
@@ -226,6 +236,11 @@ class Hub:
         self._running = False
         log.listen(broker.publish)
         broker.attach(self.deliver)
+
+    @property
+    def running(self) -> bool:
+        """False before ``start`` and from ``drain`` on: new work is refused."""
+        return self._running
 
     @property
     def subscriber_count(self) -> int:

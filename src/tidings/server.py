@@ -41,7 +41,7 @@ from .log import Log
 from .metrics import Metrics
 from .openapi import openapi_document
 from .periodic import every
-from .transports import Context, admin, http, origins, polling, sse
+from .transports import Context, admin, http, origins, polling, sse, websocket
 
 logger = logging.getLogger("tidings")
 
@@ -232,8 +232,10 @@ class Tidings:
         self.settings = settings
         self.hub = make_hub(settings)
         self.app = build_app(self.hub, settings)
-        self.asgi = origins.guard(self.app, settings.http.origins)
+        policy = origins.check(settings.http.origins)
+        self.asgi = origins.guard(self.app, policy)
         self.context: Context = self.app.state.tidings
+        self.websockets = websocket.WebSockets(self.context, policy)
         self.socket: socket.socket | None = None
         self._server: _Server | None = None
         self._stopping = asyncio.Event()
@@ -293,6 +295,8 @@ class Tidings:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._trim_loop())
                 tasks.create_task(self.context.streams.run(self._stopping))
+                grace = self.settings.server.shutdown_grace
+                tasks.create_task(self.websockets.run(self._stopping, grace))
                 if auth.api_keys is not None:
                     tasks.create_task(auth.api_keys.watch(self._stopping))
                 if auth.jwks is not None:
@@ -316,6 +320,7 @@ class Tidings:
         config = uvicorn.Config(
             self.asgi,
             http=header_deadline(self.settings.limits.header_timeout),
+            ws=self.websockets.protocol_class(),  # GET /ws is served below ASGI: transports/websocket.py
             lifespan="off",
             access_log=server_cfg.access_log,
             log_level="warning",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from starlette.datastructures import QueryParams
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 
 from ..auth import Authenticator, Grant, Unauthorized
 from ..config import Settings
@@ -44,7 +44,7 @@ def context(request: Request) -> Context:
 class Query:
     """The query string of one request, checked against the parameters its endpoint accepts."""
 
-    def __init__(self, request: Request, allowed: tuple[str, ...]) -> None:
+    def __init__(self, request: HTTPConnection, allowed: tuple[str, ...]) -> None:
         self.params: QueryParams = request.query_params
         unknown = sorted(set(self.params.keys()) - set(allowed))
         if unknown:
@@ -141,10 +141,16 @@ def authenticate(request: Request, query: Query | None = None) -> Grant:
     ``EventSource`` or a plain link can send. Never cookies on POST: that would let any web page
     publish with a visitor's cookie (cross-site request forgery)."""
     ctx = context(request)
-    token = bearer(request.headers.get("authorization"))
+    return ctx.auth.authenticate(credential(request, query, ctx.settings.auth.cookie))
+
+
+def credential(connection: HTTPConnection, query: Query | None, cookie: str) -> str | None:
+    """The token a request brings: ``Authorization: Bearer``, else (when ``query`` is given)
+    the ``token`` query parameter or the ``cookie``."""
+    token = bearer(connection.headers.get("authorization"))
     if token is None and query is not None:
-        token = query.one("token") or request.cookies.get(ctx.settings.auth.cookie)
-    return ctx.auth.authenticate(token)
+        token = query.one("token") or connection.cookies.get(cookie)
+    return token
 
 
 def admit(request: Request, action: Action, query: Query | None = None) -> tuple[Grant, str]:

@@ -116,8 +116,9 @@ async def publish(request: Request) -> Response:
     return json_response(appended.event.json(), 201, headers)
 
 
-def _batch_draft(item: Any, index: int) -> Draft:
-    where = f"events[{index}]"
+def json_draft(item: Any, where: str, raw: bytes | None = None) -> Draft:
+    """The draft of one event given as JSON fields (``POST /publish``, WebSocket ``publish``);
+    ``where`` names it in errors; ``raw`` is data that came outside the JSON (binary frame)."""
     if not isinstance(item, dict):
         raise InvalidEvent(f"{where} must be an object")
     known = {"channel", "type", "data", "data_base64", "datacontenttype", "idempotency_key"}
@@ -137,7 +138,10 @@ def _batch_draft(item: Any, index: int) -> Draft:
             raise InvalidEvent(f"{where}.{name} must be a string")
     if "data" in item and "data_base64" in item:
         raise InvalidEvent(f"{where} has both data and data_base64; send one")
-    if "data_base64" in item:
+    if raw is not None:
+        data = raw
+        content_type = content_type or "application/octet-stream"
+    elif "data_base64" in item:
         if not isinstance(item["data_base64"], str):
             raise InvalidEvent(f"{where}.data_base64 must be a base64 string")
         try:
@@ -176,7 +180,7 @@ async def publish_batch(request: Request) -> Response:
     items = document["events"]
     if not 1 <= len(items) <= limits.max_batch:
         raise InvalidEvent(f"a batch holds 1 to {limits.max_batch} events, not {len(items)}")
-    drafts = [_batch_draft(item, i) for i, item in enumerate(items)]
+    drafts = [json_draft(item, f"events[{i}]") for i, item in enumerate(items)]
     for i, draft in enumerate(drafts):
         if len(draft.data) > limits.max_event_bytes:
             raise PayloadTooLarge(

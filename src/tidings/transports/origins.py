@@ -17,7 +17,7 @@ localhost (CSRF, DNS rebinding); a simple cross-origin POST is sent without a pr
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -30,25 +30,41 @@ HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "ce-type", "Last-
 EXPOSED = ("ETag", "Idempotent-Replayed", "WWW-Authenticate", "Retry-After")
 
 
-class OriginGuard:
-    """Refuses requests from browser origins that are not on the allow-list."""
+class OriginPolicy:
+    """The allow-list of ``http.origins``: which browser origins may call tidings."""
 
-    def __init__(self, app: ASGIApp, origins: Collection[str]) -> None:
-        self.app = app
+    def __init__(self, origins: Collection[str]) -> None:
         self.any = "*" in origins
         self.origins = frozenset(origins)
 
+    def refusal(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+        """Why a request with these (lower-case) headers is refused, or None if it is not."""
+        if self.any:
+            return None
+        origin = next((v for k, v in headers if k == b"origin"), None)
+        if origin is None or origin.decode("latin-1") in self.origins:
+            return None
+        text = origin.decode("latin-1")[:100]
+        if text == "null":
+            return (
+                "origin 'null' (a sandboxed or file: page) is not allowed unless "
+                'http.origins includes "null"'
+            )
+        return f"origin {text!r} is not allowed: add it to http.origins (see docs/security.md)"
+
+
+class OriginGuard:
+    """Refuses HTTP requests from browser origins that are not on the allow-list. (The
+    WebSocket handshake does not pass through ASGI: ``transports.websocket`` asks the policy.)"""
+
+    def __init__(self, app: ASGIApp, policy: OriginPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self.any:
-            origin = next((v for k, v in scope["headers"] if k == b"origin"), None)
-            if origin is not None and origin.decode("latin-1") not in self.origins:
-                text = origin.decode("latin-1")[:100]
-                detail = (
-                    f"origin {text!r} is not allowed: add it to http.origins (see docs/security.md)"
-                    if text != "null"
-                    else "origin 'null' (a sandboxed or file: page) is not allowed unless "
-                    'http.origins includes "null"'
-                )
+        if scope["type"] == "http":
+            detail = self.policy.refusal(scope["headers"])
+            if detail is not None:
                 response = error_response(403, "origin_not_allowed", detail)
                 await response(scope, receive, send)
                 return
@@ -58,16 +74,22 @@ class OriginGuard:
 _ORIGIN = re.compile(r"https?://[^/\s?#]+")  # RFC 6454 §6.2 serialisation: scheme://host[:port]
 
 
-def guard(app: ASGIApp, origins: Collection[str]) -> ASGIApp:
-    """``app`` behind CORS (outermost, it answers preflights) and the Origin allow-list."""
+def check(origins: Collection[str]) -> OriginPolicy:
+    """The policy for ``http.origins``, or ConfigError naming an entry that is not an origin."""
     for origin in origins:
         if origin not in ("*", "null") and not _ORIGIN.fullmatch(origin):
             raise ConfigError(
                 f"http.origins: {origin!r} is not an origin; write scheme://host[:port] "
                 'with no path or trailing slash, "null" or "*"'
             )
+    return OriginPolicy(origins)
+
+
+def guard(app: ASGIApp, policy: OriginPolicy) -> ASGIApp:
+    """``app`` behind CORS (outermost, it answers preflights) and the Origin allow-list."""
+    origins = sorted(policy.origins)
     return CORSMiddleware(
-        OriginGuard(app, origins),
+        OriginGuard(app, policy),
         allow_origins=list(origins),
         allow_methods=("GET", "POST"),
         allow_headers=HEADERS,
