@@ -1,4 +1,4 @@
-"""The tidings Python client: publish, and subscribe over SSE or polling with automatic resume.
+"""The tidings Python client: publish, and subscribe over SSE, WebSocket or polling, resuming.
 
 ::
 
@@ -13,13 +13,14 @@
                 print(item.channel, item.json())
 
 A subscription resumes from its last cursor after any dropped connection or server restart;
-see ``Subscription`` for the rules and ``errors`` for what it raises.
+see ``Subscription`` for the rules and ``errors`` for what it raises. ``publish(..., via="ws")``
+publishes over one WebSocket and returns the acknowledgement (``Published``), not the envelope.
 """
 
 from __future__ import annotations
 
 from .backoff import Backoff
-from .client import DEFAULT_URL, BatchEvent, Client
+from .client import DEFAULT_URL, BatchEvent, Client, Published, PublishVia
 from .errors import ProtocolError, RequestRejected, ServerUnavailable, TidingsClientError
 from .model import ContinuityLost, ReceivedEvent
 from .subscription import Received, Subscription
@@ -33,6 +34,8 @@ __all__ = [
     "Client",
     "ContinuityLost",
     "ProtocolError",
+    "PublishVia",
+    "Published",
     "Received",
     "ReceivedEvent",
     "RequestRejected",

@@ -1,11 +1,11 @@
-"""``Client``: publish over HTTP, subscribe over any transport with automatic resume."""
+"""``Client``: publish over HTTP or WebSocket, subscribe over any transport, resuming by itself."""
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, NotRequired, Self, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, Self, TypedDict, overload
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -15,7 +15,12 @@ from .model import batch_item, encode_data, parse_json
 from .subscription import Subscription
 from .transport import SubscribeOptions, Via, transport_factory
 
+if TYPE_CHECKING:
+    from .ws import WebSocketPublisher
+
 DEFAULT_URL = "http://127.0.0.1:8080"
+
+PublishVia = Literal["http", "ws"]
 
 
 class BatchEvent(TypedDict):
@@ -26,6 +31,17 @@ class BatchEvent(TypedDict):
     type: NotRequired[str | None]
     content_type: NotRequired[str | None]
     idempotency_key: NotRequired[str | None]
+
+
+class Published(TypedDict):
+    """What ``Client.publish(..., via="ws")`` returns: the WebSocket acknowledgement.
+
+    ``id`` is the event's cursor, as in the envelope an HTTP publish returns; ``replayed`` is
+    true when the idempotency key matched an earlier event, whose cursor ``id`` then is.
+    """
+
+    id: str
+    replayed: bool
 
 
 def check_url(url: str) -> str:
@@ -56,9 +72,12 @@ class Client:
             async for item in client.subscribe(["orders/**"], since=event["id"]):
                 ...
 
-    ``timeout`` bounds connecting and each request, in seconds (long polls get ``wait`` more);
-    ``idle_timeout`` is how long an SSE stream may stay silent, without even a ping, before it
-    is reconnected. ``transport`` is an httpx transport, for tests and custom networking.
+    ``timeout`` bounds connecting and each request, in seconds (long polls get ``wait`` more),
+    and the wait for a WebSocket publish's acknowledgement; ``idle_timeout`` is how long an SSE
+    stream may stay silent, without even a ping, before it is reconnected (a WebSocket pings
+    the server every ``idle_timeout / 2`` and gives up when no pong comes within as long).
+    ``headers`` go with every request and WebSocket handshake (e.g. ``Authorization``).
+    ``transport`` is an httpx transport, for tests and custom networking (HTTP only).
     """
 
     def __init__(
@@ -77,6 +96,7 @@ class Client:
             base_url=self.url, timeout=timeout, headers=headers, transport=transport
         )
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._publisher: WebSocketPublisher | None = None  # opened by the first publish via ws
 
     async def __aenter__(self) -> Self:
         return self
@@ -93,6 +113,8 @@ class Client:
         """Close every subscription of this client and its connections."""
         for subscription in list(self._subscriptions):
             await subscription.aclose()
+        if self._publisher is not None:
+            await self._publisher.aclose()
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -103,6 +125,7 @@ class Client:
         await check(response)
         return parse_json(response.content, f"the answer to {method} {path}")
 
+    @overload
     async def publish(
         self,
         channel: str,
@@ -111,15 +134,71 @@ class Client:
         type: str | None = None,
         content_type: str | None = None,
         idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        """Publish one event; returns its CloudEvents envelope once the event is in history.
+        via: Literal["http"] = "http",
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def publish(
+        self,
+        channel: str,
+        data: object,
+        *,
+        type: str | None = None,
+        content_type: str | None = None,
+        idempotency_key: str | None = None,
+        via: Literal["ws"],
+    ) -> Published: ...
+
+    @overload
+    async def publish(
+        self,
+        channel: str,
+        data: object,
+        *,
+        type: str | None = None,
+        content_type: str | None = None,
+        idempotency_key: str | None = None,
+        via: PublishVia,
+    ) -> dict[str, Any] | Published: ...
+
+    async def publish(
+        self,
+        channel: str,
+        data: object,
+        *,
+        type: str | None = None,
+        content_type: str | None = None,
+        idempotency_key: str | None = None,
+        via: PublishVia = "http",
+    ) -> dict[str, Any] | Published:
+        """Publish one event; returns once the event is in history.
 
         ``data``: ``bytes`` are sent as they are (the server recognises JSON or UTF-8 text when
         ``content_type`` is not given, else they are ``application/octet-stream``); ``str`` is
         sent as ``text/plain``; anything else is serialised as JSON. Raises ``RequestRejected``
         (invalid channel, type or data, data over the size limit…) or ``ServerUnavailable``;
         publishing again after the latter is safe with an ``idempotency_key``.
+
+        ``via="http"`` (the default) sends one request and returns the event's CloudEvents
+        envelope. ``via="ws"`` sends a ``publish`` message on this client's one WebSocket
+        (opened by the first such publish, reopened after a drop, shared by concurrent
+        publishes) and returns the acknowledgement, ``{"id": cursor, "replayed": bool}``
+        (``Published``): the server acknowledges with no more than that. ``["id"]`` is the
+        cursor either way. A publish waiting when the WebSocket drops raises
+        ``ServerUnavailable``; a refusal's ``RequestRejected`` has ``status`` None over
+        WebSocket (``code`` is the same as on HTTP).
         """
+        if via == "ws":
+            cursor, replayed = await self._websocket_publisher().publish(
+                channel,
+                data,
+                type=type,
+                content_type=content_type,
+                idempotency_key=idempotency_key,
+            )
+            return Published(id=cursor, replayed=replayed)
+        if via != "http":
+            raise ValueError(f"via must be 'http' or 'ws', not {via!r}")
         body, declared = encode_data(data, content_type)
         headers = {}
         if declared is not None:
@@ -133,6 +212,14 @@ class Client:
         if not isinstance(envelope, dict):
             raise ProtocolError("protocol", "the publish answer is not an event envelope")
         return envelope
+
+    def _websocket_publisher(self) -> WebSocketPublisher:
+        if self._publisher is None:
+            from .ws import Endpoint, WebSocketPublisher  # only for those who publish via ws
+
+            endpoint = Endpoint.of(self._http, self.timeout, self.idle_timeout)
+            self._publisher = WebSocketPublisher(endpoint)
+        return self._publisher
 
     async def publish_batch(self, events: Iterable[BatchEvent]) -> list[dict[str, Any]]:
         """Publish events atomically, in order; returns their envelopes in the same order.
@@ -170,9 +257,10 @@ class Client:
 
         Returns a ``Subscription``: an async iterator of ``ReceivedEvent`` and
         ``ContinuityLost`` items that reconnects and resumes by itself (see its docstring).
-        ``via`` picks the transport: ``"sse"`` (one long-lived stream), ``"longpoll"`` (requests
-        the server holds up to ``wait`` seconds) or ``"poll"`` (a request every
-        ``poll_interval`` seconds once caught up). ``limit`` caps events per polling answer.
+        ``via`` picks the transport: ``"sse"`` (one long-lived stream), ``"ws"`` (one WebSocket;
+        binary data arrives raw, not base64), ``"longpoll"`` (requests the server holds up to
+        ``wait`` seconds) or ``"poll"`` (a request every ``poll_interval`` seconds once caught
+        up). ``limit`` caps events per polling answer.
         """
         if isinstance(patterns, str):
             patterns = (patterns,)

@@ -24,7 +24,7 @@ import httpx
 from .backoff import Backoff
 from .errors import ServerUnavailable
 from .model import ContinuityLost, Position, ReceivedEvent
-from .transport import Transport
+from .transport import Closeable, Transport
 
 log = logging.getLogger("tidings.client")
 
@@ -88,13 +88,16 @@ class Subscription:
         """End the iteration and close the connection.
 
         Called while another task waits in this iterator, it ends that wait only at its next
-        step (the next event, ping or poll answer): cancel that task to stop it at once. Closing
+        step (the next event, ping or poll answer), except over WebSocket, where it closes the
+        connection and so ends the wait at once; cancel that task to stop it at once. Closing
         the ``Client`` closes its connections, which ends every such wait at once.
         """
         self._closed = True
         self._closing.set()
         if not self._stepping:  # else the generator is busy in another task; it sees _closed
             await self._items.aclose()
+        elif isinstance(self._transport, Closeable):
+            await self._transport.aclose()  # the stream in the other task ends now
 
     async def __aenter__(self) -> Self:
         return self

@@ -10,6 +10,10 @@ A transport turns one connection into a stream of ``Position`` and ``ReceivedEve
   or ``ServerUnavailable`` when the connection fails: in all these cases the subscription
   reconnects. ``RequestRejected`` and ``ProtocolError`` end the subscription.
 - It keeps no state across ``stream`` calls: the subscription owns the cursor and the backoff.
+- A transport whose connection is not the Client's httpx client's (WebSocket) also has
+  ``aclose()``, which closes the open connection from any task: ``stream`` then returns. The
+  subscription calls it when closed while another task waits in ``stream``; closing the httpx
+  client does that for the others.
 
 Transports are registered by name as import strings, so one that needs an optional package
 (WebSocket, gRPC) is imported only when chosen.
@@ -19,14 +23,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import httpx
 
 from ..loading import load
 from .model import Position, ReceivedEvent
 
-Via = Literal["sse", "longpoll", "poll"]
+Via = Literal["sse", "longpoll", "poll", "ws"]
 Item = Position | ReceivedEvent
 
 
@@ -34,7 +38,8 @@ Item = Position | ReceivedEvent
 class SubscribeOptions:
     patterns: tuple[str, ...]
     timeout: float = 10.0  # connect and write, seconds
-    idle_timeout: float = 45.0  # a stream silent this long (no event, no ping) is reconnected
+    # A stream silent this long (no event, no ping) is reconnected; WebSocket pings every half.
+    idle_timeout: float = 45.0
     poll_interval: float = 1.0  # short polling: pause between polls once caught up
     wait: float = 30.0  # long polling: how long the server holds a request
     limit: int | None = None  # events per page (polling); None: the server's default
@@ -44,12 +49,18 @@ class Transport(Protocol):
     def stream(self, cursor: str | None) -> AsyncGenerator[Item, None]: ...
 
 
+@runtime_checkable
+class Closeable(Protocol):
+    async def aclose(self) -> None: ...
+
+
 TransportFactory = Callable[[httpx.AsyncClient, SubscribeOptions], Transport]
 
 TRANSPORTS = {
     "sse": "tidings.client.sse:SSETransport",
     "longpoll": "tidings.client.polling:LongPollTransport",
     "poll": "tidings.client.polling:PollTransport",
+    "ws": "tidings.client.ws:WebSocketTransport",
 }
 
 
