@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -662,3 +664,49 @@ async def test_a_connection_that_stops_answering_pings_is_reconnected() -> None:
         subscription = client.subscribe("a", via="ws")
         async with iterating(subscription):
             await until(lambda: connections == 2)
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def tidings(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "tidings", *args], capture_output=True, timeout=60, check=False
+    )
+
+
+@contextmanager
+def background(*args: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidings", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_cli_publish_via_ws_prints_the_acknowledgement(server: RunningServer) -> None:
+    result = tidings("publish", "cli/1", '{"total": 5}', "--via", "ws", "--url", server.url)
+    assert result.returncode == 0, result.stderr
+    ack = orjson.loads(result.stdout)
+    assert ack == {"id": ack["id"], "replayed": False}
+    history = httpx.get(f"{server.url}/history", params={"channel": "cli/1"}).json()
+    assert [(e["id"], e["data"]) for e in history["events"]] == [(ack["id"], {"total": 5})]
+    refused = tidings("publish", "a//b", "1", "--via", "ws", "--url", server.url)
+    assert refused.returncode == 1
+    [message] = refused.stderr.decode().splitlines()
+    assert message.startswith("tidings: ")
+    assert "'a//b'" in message
+
+
+def test_cli_subscribe_via_ws_prints_the_envelopes(server: RunningServer) -> None:
+    sent = [httpx.post(f"{server.url}/channels/s/{i}", content=b"%d" % i).json() for i in range(4)]
+    args = ("subscribe", "s/*", "--via", "ws", "--since", sent[0]["id"], "--count", "4")
+    with background(*args, "--url", server.url) as proc:
+        assert proc.stdout is not None
+        assert [orjson.loads(proc.stdout.readline()) for _ in range(3)] == sent[1:]
+        live = httpx.post(f"{server.url}/channels/s/x", content=b"\x00\xff").json()
+        assert orjson.loads(proc.stdout.readline()) == live  # binary: data_base64, as on SSE
+        assert proc.wait(GUARD) == 0

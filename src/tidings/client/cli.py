@@ -12,12 +12,13 @@ import argparse
 import asyncio
 import os
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, get_args
 
 import orjson
 
 from ..exceptions import ConfigError
-from .client import DEFAULT_URL, Client, check_url
+from .client import DEFAULT_URL, Client, PublishVia, check_url
 from .errors import TidingsClientError
 from .model import ContinuityLost
 from .transport import TRANSPORTS
@@ -59,7 +60,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     url = _url(args)
     data: bytes = sys.stdin.buffer.read() if args.data in (None, "-") else args.data.encode()
 
-    async def publish() -> dict[str, Any]:
+    via: PublishVia = args.via
+
+    async def publish() -> Mapping[str, Any]:
         async with Client(url) as client:
             # bytes: the server recognises JSON or text unless --content-type says otherwise.
             return await client.publish(
@@ -68,6 +71,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 type=args.type,
                 content_type=args.content_type,
                 idempotency_key=args.idempotency_key,
+                via=via,
             )
 
     try:
@@ -129,15 +133,22 @@ def add_commands(commands: Any) -> None:
     publish = commands.add_parser(
         "publish",
         help="publish one event",
-        description="Publish one event and print its envelope as one JSON line. DATA is sent "
-        "as given (JSON or text is recognised unless --content-type says otherwise); omitted or "
-        "'-' reads it from standard input.",
+        description="Publish one event and print its envelope as one JSON line (with --via ws, "
+        'the acknowledgement: {"id": CURSOR, "replayed": BOOL}). DATA is sent as given '
+        "(JSON or text is recognised unless --content-type says otherwise); omitted or '-' "
+        "reads it from standard input.",
     )
     publish.add_argument("channel", metavar="CHANNEL", help="channel, e.g. orders/42/status")
     publish.add_argument("data", metavar="DATA", nargs="?", help="event data, or - for stdin")
     publish.add_argument("--type", help="event type (default: message)")
     publish.add_argument("--content-type", help="media type of DATA, e.g. application/json")
     publish.add_argument("--idempotency-key", help="publish at most once per key and channel")
+    publish.add_argument(
+        "--via",
+        choices=list(get_args(PublishVia)),
+        default="http",
+        help="http prints the stored envelope, ws the acknowledgement (default: http)",
+    )
     publish.add_argument("--url", default=default_url, help=url_help)
     publish.set_defaults(handler=cmd_publish)
 
@@ -152,7 +163,10 @@ def add_commands(commands: Any) -> None:
         "patterns", metavar="PATTERN", nargs="+", help="channel or pattern (* one segment, ** rest)"
     )
     subscribe.add_argument(
-        "--via", choices=list(TRANSPORTS), default="sse", help="transport (default: sse)"
+        "--via",
+        choices=list(TRANSPORTS),
+        default="sse",
+        help="transport (default: sse; ws is WebSocket)",
     )
     subscribe.add_argument("--since", metavar="CURSOR", help="start after this event id")
     subscribe.add_argument(
