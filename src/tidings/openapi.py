@@ -141,6 +141,24 @@ def _document() -> dict[str, Any]:
                     },
                 }
             },
+            "/ws": {
+                "get": {
+                    "summary": "WebSocket endpoint: subscribe, publish and acks on one connection (docs/websocket.md)",
+                    "description": "Connect with a WebSocket client. A plain request that does not ask to upgrade gets 426.",
+                    "parameters": [
+                        _param("channel", "Open a subscription named `url` at once. Repeat for several.",
+                               {"type": "array", "items": PATTERN_TEXT, "maxItems": 64}, style="form", explode=True),
+                        SINCE, TOKEN,
+                    ],
+                    "responses": {
+                        "101": {"description": "Switching Protocols: the WebSocket is open."},
+                        "426": _ERROR,
+                        **REFUSALS,
+                        "404": _ERROR,
+                        "503": _ERROR,
+                    },
+                }
+            },
             "/healthz": {"get": {"summary": "Liveness and the current cursor", "responses": {"200": {"description": "OK"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (needs an admin grant)", "parameters": [TOKEN],
                                  "responses": {"200": {"description": "text exposition format"}, **REFUSALS}}},

@@ -128,6 +128,7 @@ def build_app(hub: Hub, settings: Settings, auth: Authenticator | None = None) -
         Route("/history", http.history, methods=["GET"]),
         Route("/poll", polling.poll, methods=["GET"]),
         Route("/sse", sse.stream, methods=["GET"]),
+        Route("/ws", websocket.upgrade_required, methods=["GET"]),
         Route("/healthz", http.healthz, methods=["GET"]),
         Route("/metrics", http.metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
@@ -320,7 +321,7 @@ class Tidings:
         config = uvicorn.Config(
             self.asgi,
             http=header_deadline(self.settings.limits.header_timeout),
-            ws=self.websockets.protocol_class(),  # GET /ws is served below ASGI: transports/websocket.py
+            ws=self.websockets.protocol_class(),  # GET /ws runs below ASGI (transports/websocket)
             lifespan="off",
             access_log=server_cfg.access_log,
             log_level="warning",

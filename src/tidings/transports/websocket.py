@@ -32,11 +32,13 @@ from typing import Any, cast
 
 import orjson
 from starlette.requests import HTTPConnection
+from starlette.responses import Response
 from uvicorn.server import ServerState
 from websockets.datastructures import Headers
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
+from websockets.http11 import Response as HandshakeResponse
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -57,7 +59,7 @@ from ..hub import Subscription
 from ..limits import Action, Slot
 from ..periodic import every
 from . import Context, Query, credential
-from .http import json_draft
+from .http import error_response, json_draft
 from .origins import OriginPolicy
 
 log = logging.getLogger("tidings.ws")
@@ -76,6 +78,14 @@ INTERNAL_ERROR = 1011
 LAGGED = 4001
 UNAUTHORIZED = 4401
 FORBIDDEN = 4403
+
+
+async def upgrade_required(request: HTTPConnection) -> Response:
+    """``GET /ws`` without ``Upgrade: websocket``: say what the endpoint is (RFC 9110 §15.5.22)."""
+    detail = f"{PATH} is a WebSocket endpoint: connect with a WebSocket client (docs/websocket.md)"
+    return error_response(
+        426, "upgrade_required", detail, {"Upgrade": "websocket", "Connection": "Upgrade"}
+    )
 
 
 def _reason(text: str) -> str:
@@ -369,7 +379,7 @@ class Connection(asyncio.Protocol):
             ]
         )
         phrase = http.HTTPStatus(status).phrase
-        self.ws.send_response(Response(status, phrase, headers, body))
+        self.ws.send_response(HandshakeResponse(status, phrase, headers, body))
 
     # -- frames in -----------------------------------------------------------------------------
 
@@ -625,7 +635,7 @@ class Connection(asyncio.Protocol):
 
     def flush(self) -> int:
         """Write the events of every ready subscription in one write; returns how many."""
-        if self.closing is not None or not self.writable or not self.ready:
+        if self.closing is not None or not self.ready:
             return 0
         parts: list[bytes] = []
         delivered = 0
@@ -633,26 +643,27 @@ class Connection(asyncio.Protocol):
             if self.closing is not None:  # a subscription's end closed the connection
                 return delivered
             sub = stream.sub
-            if sub.ended is not None:
+            if sub.ended is not None:  # handled even while the socket is full
                 self.ready.pop(stream, None)
                 if self.streams.get(stream.id) is stream:
                     self._ended(stream)
-                continue
-            if sub.catching_up:
+            elif not self.writable:
+                continue  # its events wait in the hub's bounded queue: resume_writing
+            elif sub.catching_up:
                 del self.ready[stream]
                 if not stream.catching_up:
                     stream.catching_up = True
                     self.sockets.spawn(self._catch_up(stream), self)
-                continue
-            events = sub.take(BATCH)
-            if events:
-                delivered += len(events)
-                self._encode(stream, events, parts)
-            if not sub.more:
-                del self.ready[stream]
+            else:
+                events = sub.take(BATCH)
+                if events:
+                    delivered += len(events)
+                    self._encode(stream, events, parts)
+                if not sub.more:
+                    del self.ready[stream]
         if parts and self.closing is None and self.transport is not None:
             self.transport.write(b"".join(parts))
-        if self.ready and self.closing is None:
+        if self.ready and self.writable and self.closing is None:
             self.sockets.schedule(self)  # more than BATCH were waiting: the rest next round
         return delivered
 
