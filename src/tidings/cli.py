@@ -38,10 +38,12 @@ def _banner(node: object) -> None:
         auth = f"JWT ({', '.join(s.auth.jwt_algorithms)}); send Authorization: Bearer <token>"
     else:
         auth = "OFF - anyone who can connect may publish and subscribe"
+    ws_url = "ws" + url.removeprefix("http")  # https -> wss
     print(
         f"tidings {__version__} listening on {url}  (log: {where})\n"
         f"  auth      {auth}\n"
         f"  publish   POST {url}/channels/{{channel}}   batch: POST {url}/publish\n"
+        f"  WebSocket      {ws_url}/ws   (docs/websocket.md)\n"
         f"  SSE       GET  {url}/sse?channel=PATTERN[&since=CURSOR]\n"
         f"  poll      GET  {url}/poll?channel=PATTERN[&since=CURSOR][&wait=SECONDS]\n"
         f"  history   GET  {url}/history?channel=PATTERN[&since=CURSOR]\n"
