@@ -16,9 +16,15 @@ so that the generator's one core is never what limits a measurement:
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import os
 import re
+import socket
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 
@@ -55,6 +61,18 @@ def request(
     if body or method in ("POST", "PUT"):
         head += f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + body
+
+
+def batch_request(channel: str, size: int, n: int, t: int = 0) -> bytes:
+    """``POST /publish`` of ``n`` events of ``size`` bytes on ``channel``."""
+    event = {"channel": channel, "data": payload(size, t)}
+    return request("POST", "/publish", orjson.dumps({"events": [event] * n}))
+
+
+async def check_ack(fut: Awaitable[tuple[int, bytes]]) -> None:
+    status, body = await fut
+    if status != 201:
+        raise RuntimeError(f"publish answered {status}: {body[:200]!r}")
 
 
 class HTTPConnection(asyncio.Protocol):
@@ -225,6 +243,303 @@ async def open_streams(
     async def one() -> SSEStream:
         async with gate:
             _, proto = await loop.create_connection(lambda: factory(path, *args), HOST, port)
+            await proto.opened
+            return proto
+
+    async with asyncio.timeout(within):
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+# -- WebSocket ---------------------------------------------------------------------------------
+
+# RFC 6455 §1.3's sample nonce: a fixed key makes the expected Sec-WebSocket-Accept a constant.
+WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+WS_ACCEPT = base64.b64encode(
+    hashlib.sha1(WS_KEY + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+)
+WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def ws_upgrade(path: bytes) -> bytes:
+    """The opening handshake of one client connection (RFC 6455 §4.1)."""
+    return (
+        b"GET " + path + b" HTTP/1.1\r\nhost: " + HOST.encode() + b"\r\n"
+        b"upgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-key: " + WS_KEY + b"\r\nsec-websocket-version: 13\r\n\r\n"
+    )
+
+
+def ws_frame(payload: bytes, opcode: int = WS_TEXT) -> bytes:
+    """One unfragmented client frame; clients must mask every frame (RFC 6455 §5.3)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 1 << 16:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    key = os.urandom(4)
+    if not n:
+        return head + key
+    # XOR with the key repeated over the payload, as one big-integer operation.
+    stream = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+    return head + key + masked
+
+
+class WSStream(asyncio.Protocol):
+    """One WebSocket connection that counts the server's messages without decoding them.
+
+    After the 101 it writes ``first`` (pre-built masked frames, e.g. a tidings ``subscribe``).
+    ``opened`` resolves on the first message when ``wait_message`` (a subscriber: tidings'
+    ``subscribed``, or a baseline's welcome, both sent once the connection receives events), else
+    on the 101. Server frames are walked header by header: FIN/opcode and the 7/16/64-bit
+    length (RFC 6455 §5.2); pings are answered with pongs, a close frame is echoed and recorded.
+    """
+
+    def __init__(
+        self, path: bytes, first: bytes = b"", wait_message: bool = True, expect: bytes = b""
+    ) -> None:
+        self._request = ws_upgrade(path)
+        self._first = first
+        self._wait_message = wait_message
+        self._expect = expect  # the first message must contain this (e.g. b'"subscribed"')
+        self.transport: asyncio.Transport | None = None
+        self.status = 0
+        self.count = 0  # complete data messages received, including the opening one
+        self.reads = 0  # data_received calls after the handshake
+        self.bytes = 0  # bytes received after the handshake
+        self.close_code: int | None = None
+        self.close_reason = b""
+        self.closed = False
+        self.first_message = b""
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._head = b""
+        self._buf = b""
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    @property
+    def lagged(self) -> bool:
+        return self.close_code == 4001
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+        transport.write(self._request)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.wake()
+        if not self.opened.done():
+            reason = f"close {self.close_code} {self.close_reason!r}" if self.close_code else ""
+            self.opened.set_exception(
+                exc or ConnectionError(f"closed before the stream opened {reason}".strip())
+            )
+
+    def reached(self, n: int) -> asyncio.Future[None] | None:
+        """A future that resolves once ``count >= n`` (or the stream closes); None if it has.
+
+        Lets a closed-loop publisher sleep until the slowest subscriber catches up, instead of
+        polling (uvloop's timers have 1 ms resolution: a shorter sleep spins).
+        """
+        if self.count >= n or self.closed:
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        return fut
+
+    def wake(self, upto: int | None = None) -> None:
+        """Resolve the ``reached`` futures up to ``upto`` (all of them without it)."""
+        keep = []
+        for n, fut in self._waiters:
+            if upto is None or n <= upto:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((n, fut))
+        self._waiters = keep
+
+    def _fail(self, why: str) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(why))
+        self.close()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.status:
+            data = self._head + data
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self._head = data
+                return
+            head = data[:end]
+            self.status = int(head[9:12])
+            self._head = b""
+            if self.status != 101 or WS_ACCEPT not in head:
+                return self._fail(f"upgrade answered {data[: end + 400]!r}")
+            if self._first:
+                self.write(self._first)
+            if not self._wait_message:
+                self.opened.set_result(None)
+            data = data[end + 4 :]
+            if not data:
+                return
+        self.reads += 1
+        self.bytes += len(data)
+        buf = self._buf + data if self._buf else data
+        pos, n, count = 0, len(buf), 0
+        while n - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length = b1 & 0x7F
+            if length < 126:
+                start = pos + 2
+            elif length == 126:
+                start = pos + 4
+                if start > n:
+                    break
+                length = buf[pos + 2] << 8 | buf[pos + 3]
+            else:
+                start = pos + 10
+                if start > n:
+                    break
+                length = int.from_bytes(buf[pos + 2 : start], "big")
+            end = start + length
+            if end > n:
+                break
+            if b1 & 0x80:  # RFC 6455 §5.1: a server must not mask its frames
+                return self._fail(f"masked frame from the server: {buf[pos : pos + 16]!r}")
+            opcode = b0 & 0x0F
+            if opcode < 8:  # text, binary or continuation: a message ends at FIN
+                if b0 & 0x80:
+                    count += 1
+                    if not self.count and count == 1:
+                        self._first_message(buf[start:end])
+            else:
+                self._control(opcode, buf[start:end])
+            pos = end
+        self._buf = buf[pos:] if pos < n else b""
+        if count:
+            self.count += count
+            if self._waiters:
+                self.wake(self.count)
+            self.on_messages(buf, pos)
+
+    def _first_message(self, message: bytes) -> None:
+        self.first_message = message
+        if self.opened.done():
+            return
+        if self._expect and self._expect not in message:
+            self._fail(f"first message was {message[:300]!r}")
+        elif self._wait_message:
+            self.opened.set_result(None)
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == WS_PING:  # RFC 6455 §5.5.3: answer with the same payload
+            self.write(ws_frame(payload, WS_PONG))
+        elif opcode == WS_CLOSE:  # §5.5.1: record the code, echo it, let the server close TCP
+            self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self.close_reason = payload[2:]
+            self.write(ws_frame(payload[:2], WS_CLOSE))
+
+    def on_messages(self, buf: bytes, end: int) -> None:
+        """Called with the buffer whose ``buf[:end]`` holds the frames just completed."""
+
+    def write(self, raw: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(raw)
+
+    def set_lowat(self, nbytes: int) -> None:
+        """Wake the generator for this socket only once ``nbytes`` are queued (SO_RCVLOWAT).
+
+        A server that writes each frame on its own otherwise costs the generator one wake-up and
+        one ``read`` per frame, as much kernel time as the server's ``write``: the generator's
+        core would cap the measurement. The server is unaffected (its writes land in the
+        receive buffer as before). Back to 1 before waiting for the last frames, which could
+        otherwise stay below the mark; Linux wakes the reader when the mark drops.
+        """
+        if self.transport is not None and not self.closed:
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, nbytes))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TimedWSStream(WSStream):
+    """A WebSocket subscriber that records (send time, receipt time) in ns for each message."""
+
+    def __init__(self, path: bytes, receipts: list[tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.receipts = receipts  # shared by all streams
+        self.recording = False
+
+    def on_messages(self, buf: bytes, end: int) -> None:
+        if self.recording:
+            now = time.time_ns()
+            self.receipts.extend((int(t), now) for t in _TS.findall(buf, 0, end))
+
+
+class WSPublisher(WSStream):
+    """A connection that publishes with pre-built frames and counts the replies.
+
+    ``acks`` is a marker in every reply expected per publish (tidings: ``b'"published"'``);
+    without one (the baselines, which never answer) ``publish`` returns once written.
+    """
+
+    def __init__(self, path: bytes, acks: bytes = b"") -> None:
+        super().__init__(path, wait_message=False)
+        self.acks = acks
+        self.sent = 0
+        self.replies = 0
+        self.errors: list[bytes] = []
+        self._want = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def publish(self, frames: bytes, n: int) -> None:
+        """Write ``n`` publish messages (already framed) and wait for their replies."""
+        self.sent += n
+        self.write(frames)
+        if not self.acks:
+            return
+        if self.closed:
+            raise ConnectionError(f"publisher closed: {self.close_code} {self.close_reason!r}")
+        self._want = self.sent
+        if self.replies < self._want:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+    def on_messages(self, buf: bytes, end: int) -> None:
+        if not self.acks:
+            return
+        self.replies += buf.count(self.acks, 0, end)
+        if b'"op":"error"' in buf[:end]:
+            i = buf.find(b'"op":"error"', 0, end)
+            self.errors.append(buf[max(0, i - 40) : i + 300])
+            self.replies += buf.count(b'"op":"error"', 0, end)
+        if self._waiter is not None and self.replies >= self._want and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(
+                ConnectionError(f"publisher closed: {self.close_code} {self.close_reason!r}")
+            )
+
+
+async def open_ws(
+    port: int,
+    n: int,
+    factory: Callable[[], WSStream],
+    parallel: int = 100,
+    within: float = 60.0,
+) -> list[WSStream]:
+    """Open ``n`` WebSocket connections (``parallel`` at a time); wait until each has opened."""
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(parallel)
+
+    async def one() -> WSStream:
+        async with gate:
+            _, proto = await loop.create_connection(factory, HOST, port)
             await proto.opened
             return proto
 

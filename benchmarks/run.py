@@ -1,11 +1,15 @@
 """Tidings benchmarks: a real server on core 0, a lean asyncio load generator on core 1.
 
-    .venv/bin/python benchmarks/run.py [publish|fanout|latency|all] [options]
+    .venv/bin/python benchmarks/run.py [publish|fanout|latency|ws-fanout|ws-latency|ws|all]
 
 Workloads (see benchmarks/README.md for what each measures and the targets):
-  publish   acknowledged HTTP publishes/s from 50 keep-alive publishers, p50/p99 ack latency
-  fanout    SSE deliveries/s to 1,000 subscribers at the highest rate with no lagged subscriber
-  latency   publish-to-delivery latency at 5 events/s x 1,000 SSE subscribers
+  publish     acknowledged HTTP publishes/s from 50 keep-alive publishers, p50/p99 ack latency
+  fanout      SSE deliveries/s to 1,000 subscribers at the highest rate with no lagged subscriber
+  latency     publish-to-delivery latency at 5 events/s x 1,000 SSE subscribers
+  ws-fanout   WebSocket deliveries/s to 1,000 subscribers: tidings, then the websockets and
+              Node ws broadcast baselines on the same core (wsbench.py)
+  ws-latency  publish-to-delivery latency at 5 events/s x 1,000 WebSocket subscribers, same three
+  ws          ws-fanout and ws-latency, then one table side by side
 
 Each workload starts its own server (``taskset -c 0 python -m tidings serve``) on a fresh SQLite
 file, waits for /healthz, runs, prints a table, writes benchmarks/results/<workload>.json and stops
@@ -28,15 +32,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import (
     HTTPConnection,
     SSEStream,
     TimedSSEStream,
+    batch_request,
+    check_ack,
     open_streams,
-    payload,
     payload_bytes,
     request,
 )
@@ -47,18 +50,27 @@ from target import (
     Server,
     Window,
     delivered_sse,
+    drain,
     idle_memory,
     lagged_total,
     percentile,
     raise_nofile,
+    receipt_summary,
     running_server,
+    stream_totals,
 )
+from wsbench import WS_WORKLOADS, check_servers
+from wsbench import add_options as add_ws_options
+from wsbench import table as ws_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {
     "publish": ("publishes_per_s", ">=", 5_000),
     "fanout": ("deliveries_per_s", ">=", 40_000),
     "latency": ("p99_ms", "<=", 50.0),
+    # A string target names the result key holding it: measured in the same run.
+    "ws-fanout": ("deliveries_per_s", ">=", "websockets_deliveries_per_s"),
+    "ws-latency": ("p99_ms", "<=", 35.0),
 }
 
 
@@ -128,32 +140,6 @@ async def workload_publish(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- workload: fanout --------------------------------------------------------------------------
-
-
-def batch_request(channel: str, size: int, n: int, t: int = 0) -> bytes:
-    event = {"channel": channel, "data": payload(size, t)}
-    return request("POST", "/publish", orjson.dumps({"events": [event] * n}))
-
-
-async def check_ack(fut: Any) -> None:
-    status, body = await fut
-    if status != 201:
-        raise RuntimeError(f"publish answered {status}: {body[:200]!r}")
-
-
-async def drain(streams: list[SSEStream], expected: int, within: float = 10.0) -> int:
-    """Wait until every open stream has ``expected`` events (or ``within`` s); missing ones."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        missing = sum(max(0, expected - s.count) for s in streams if not s.closed)
-        if not missing:
-            return 0
-        await asyncio.sleep(0.05)
-    return sum(max(0, expected - s.count) for s in streams if not s.closed)
-
-
-def stream_totals(streams: list[SSEStream]) -> tuple[int, int]:
-    return sum(s.count for s in streams), sum(s.reads for s in streams)
 
 
 async def fanout_closed_loop(
@@ -423,30 +409,12 @@ async def workload_latency(args: argparse.Namespace) -> dict[str, Any]:
         for s in streams:
             s.close()
 
-    latencies = sorted(now - t for t, now in receipts)
-    per_event: dict[int, list[int]] = {}
-    for t, now in receipts:
-        span = per_event.setdefault(t, [now, now])
-        span[0], span[1] = min(span[0], now), max(span[1], now)
-    first = sorted(lo - t for t, (lo, _) in per_event.items())
-    last = sorted(hi - t for t, (_, hi) in per_event.items())
     acks.sort()
     expected = published * args.subscribers
     deliveries = int(delivered_sse(m1) - delivered_sse(m0))
     return {
-        "p50_ms": round(percentile(latencies, 50) / 1e6, 3),
-        "p90_ms": round(percentile(latencies, 90) / 1e6, 3),
-        "p99_ms": round(percentile(latencies, 99) / 1e6, 3),
-        "p999_ms": round(percentile(latencies, 99.9) / 1e6, 3),
-        "max_ms": round(percentile(latencies, 100) / 1e6, 3),
-        "samples": len(latencies),
+        **receipt_summary(receipts, 50),
         "expected_samples": expected,
-        "first_receipt_per_event_p50_ms": round(percentile(first, 50) / 1e6, 3),
-        "first_receipt_per_event_max_ms": round(percentile(first, 100) / 1e6, 3),
-        "last_receipt_per_event_p50_ms": round(percentile(last, 50) / 1e6, 3),
-        "last_receipt_per_event_max_ms": round(percentile(last, 100) / 1e6, 3),
-        "events_over_50ms_to_last_subscriber": sum(x > 50e6 for x in last),
-        "events": len(per_event),
         "publish_ack_p50_ms": round(percentile(acks, 50) / 1e6, 3),
         "publish_ack_p99_ms": round(percentile(acks, 99) / 1e6, 3),
         "lagged_disconnects": int(lagged_total(m1) - lagged_total(m0)),
@@ -465,7 +433,13 @@ async def workload_latency(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-WORKLOADS = {"publish": workload_publish, "fanout": workload_fanout, "latency": workload_latency}
+WORKLOADS = {
+    "publish": workload_publish,
+    "fanout": workload_fanout,
+    "latency": workload_latency,
+    **WS_WORKLOADS,
+}
+ALIASES = {"all": list(WORKLOADS), "ws": list(WS_WORKLOADS)}
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -482,13 +456,23 @@ def flat(result: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def report(name: str, result: dict[str, Any]) -> None:
-    metric, op, target = TARGETS[name]
+    metric, op, wanted = TARGETS[name]
+    target = result[wanted] if isinstance(wanted, str) else wanted
     value = result[metric]
-    met = value >= target if op == ">=" else value <= target
-    print(
-        f"\n== {name} ==  {metric} = {value:,}  (target {op} {target:,}: "
-        f"{'met' if met else 'MISSED'})"
-    )
+    if value is None:  # the server under test failed: its error is in the result
+        met = False
+        print(f"\n== {name} ==  {metric} not measured (target {op} {target:,}: MISSED)")
+    else:
+        met = value >= target if op == ">=" else value <= target
+        source = f" = {wanted}" if isinstance(wanted, str) else ""
+        print(
+            f"\n== {name} ==  {metric} = {value:,}  (target {op} {target:,}{source}: "
+            f"{'met' if met else 'MISSED'})"
+        )
+    if "servers" in result:  # a ws workload: the side-by-side table, then tidings in detail
+        report_ws(name, result, op)
+        result["target"] = {"metric": metric, "op": op, "value": target, "met": met}
+        return
     if name == "fanout" and "unbatched" in result:
         unbatched = result["unbatched"]
         got = unbatched["deliveries_per_s"]
@@ -503,6 +487,27 @@ def report(name: str, result: dict[str, Any]) -> None:
         shown = f"{val:,}" if isinstance(val, int | float) and not isinstance(val, bool) else val
         print(f"  {key:<44} {shown}")
     result["target"] = {"metric": metric, "op": op, "value": target, "met": met}
+
+
+def report_ws(name: str, result: dict[str, Any], op: str) -> None:
+    if name == "ws-fanout":
+        got, base = (
+            result["unbatched_deliveries_per_s"],
+            result["websockets_unbatched_deliveries_per_s"],
+        )
+        if got is not None and base is not None:
+            result["unbatched_target_met"] = got >= base
+            print(
+                f"   one event in flight: {got:,}/s against the websockets baseline's {base:,}/s "
+                f"({'met' if got >= base else 'MISSED'})"
+            )
+    print()
+    print(ws_table(*(result, None) if name == "ws-fanout" else (None, result)))
+    print()
+    for key, val in flat(result["servers"].get("tidings", {}), "tidings."):
+        shown = f"{val:,}" if isinstance(val, int | float) and not isinstance(val, bool) else val
+        print(f"  {key:<52} {shown}")
+    print("  (every server's details are in the results JSON)")
 
 
 def machine() -> dict[str, Any]:
@@ -531,7 +536,7 @@ def machine() -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("workload", nargs="?", default="all", choices=[*WORKLOADS, "all"])
+    p.add_argument("workload", nargs="?", default="all", choices=[*WORKLOADS, *ALIASES])
     p.add_argument("--duration", type=float, help="measured seconds (default 10; latency 20)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     p.add_argument("--size", type=int, default=256, help="event data bytes (JSON)")
@@ -593,16 +598,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="fanout: open-loop steps at these deliveries/s, e.g. 20000,40000,60000",
     )
     g.add_argument("--rate", type=float, default=5.0, help="latency: events per second")
-    return p.parse_args(argv)
+    add_ws_options(p)
+    args = p.parse_args(argv)
+    check_servers(args.servers)
+    return args
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    names = ALIASES.get(args.workload, [args.workload])
     failed = 0
+    results: dict[str, dict[str, Any]] = {}
     for name in names:
         print(f"running {name} ...", flush=True)
         started = time.time()
-        result = await WORKLOADS[name](args)
+        result = results[name] = await WORKLOADS[name](args)
         report(name, result)
         failed += not result["target"]["met"]
         document = {
@@ -617,6 +626,9 @@ async def main_async(args: argparse.Namespace) -> int:
             out = RESULTS / f"{name}{args.name}.json"
             out.write_text(json.dumps(document, indent=2) + "\n")
             print(f"  -> {out.relative_to(ROOT)}")
+    if "ws-fanout" in results and "ws-latency" in results:
+        print("\n== WebSocket, side by side ==")
+        print(ws_table(results["ws-fanout"], results["ws-latency"]))
     return 1 if failed else 0
 
 
