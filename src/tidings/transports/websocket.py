@@ -69,7 +69,8 @@ QUERY = ("token", "channel", "since")
 URL_SUBSCRIPTION = "url"  # the id of the subscription opened by ?channel=
 BATCH = 512  # events per subscription per write at most
 PUBLISH_WINDOW = 64  # publishes in flight per connection
-INBOX = 16  # complete messages read ahead of the one being handled before reading pauses
+INBOX = 16  # messages read ahead of the one being handled before reading pauses (or
+# websocket.max_message bytes of them, whichever comes first)
 CLOSE_TIMEOUT = 5.0  # seconds for the peer to finish a close handshake before the socket drops
 MAX_REASON = 123  # bytes in a close frame's reason (RFC 6455 §5.5)
 
@@ -124,7 +125,7 @@ class WebSockets:
 
     def protocol_class(self) -> type[Connection]:
         """For uvicorn's ``ws`` setting: the protocol class of this server's connections."""
-        return type("Connection", (Connection,), {"sockets": self})
+        return type("Connection", (Connection,), {"sockets": self, "__slots__": ()})
 
     @property
     def interval(self) -> float:
@@ -191,7 +192,36 @@ class Connection(asyncio.Protocol):
     """One WebSocket connection, from the upgrade request to the closed socket. uvicorn
     creates it when a request asks to upgrade; ``sockets`` is set on a per-server subclass."""
 
-    sockets: WebSockets
+    __slots__ = (
+        "_window_waiter",
+        "_writable_waiter",
+        "address",
+        "closing",
+        "connections",
+        "ctx",
+        "deflate",
+        "fragment_opcode",
+        "fragments",
+        "grant",
+        "inbox",
+        "inbox_bytes",
+        "last_heard",
+        "loop",
+        "opened",
+        "ping_payload",
+        "ping_sent",
+        "publishing",
+        "reading",
+        "ready",
+        "settings",
+        "slot",
+        "streams",
+        "transport",
+        "working",
+        "writable",
+        "ws",
+    )
+    sockets: WebSockets  # a class attribute of the per-server subclass
 
     def __init__(self, *, server_state: ServerState, **_uvicorn: Any) -> None:
         sockets = self.sockets
@@ -220,6 +250,7 @@ class Connection(asyncio.Protocol):
         self.streams: dict[wire.Id, Stream] = {}
         self.ready: dict[Stream, None] = {}  # subscriptions with events to write
         self.inbox: deque[tuple[Opcode, bytes]] = deque()
+        self.inbox_bytes = 0
         self.working = False  # a task is handling the inbox
         self.reading = True
         self.writable = True
@@ -271,6 +302,7 @@ class Connection(asyncio.Protocol):
         self.writable = True
         self._release_writers()
         self.inbox.clear()
+        self.inbox_bytes = 0
 
     def shutdown(self) -> None:
         """uvicorn's server is stopping: close, so the client reconnects elsewhere."""
@@ -419,7 +451,9 @@ class Connection(asyncio.Protocol):
 
     def _enqueue(self, opcode: Opcode, data: bytes) -> None:
         self.inbox.append((opcode, data))
-        if len(self.inbox) >= INBOX and self.reading and self.transport is not None:
+        self.inbox_bytes += len(data)
+        full = len(self.inbox) >= INBOX or self.inbox_bytes >= self.settings.max_message
+        if full and self.reading and self.transport is not None:
             self.reading = False
             self.transport.pause_reading()
         if not self.working:
@@ -442,7 +476,9 @@ class Connection(asyncio.Protocol):
                     await self._until_writable()
                     continue
                 opcode, data = self.inbox.popleft()
-                if not self.reading and len(self.inbox) <= INBOX // 2:
+                self.inbox_bytes -= len(data)
+                drained = self.inbox_bytes <= self.settings.max_message // 2
+                if not self.reading and len(self.inbox) <= INBOX // 2 and drained:
                     self.reading = True
                     if self.transport is not None:
                         self.transport.resume_reading()
