@@ -11,6 +11,10 @@ so that the generator's one core is never what limits a measurement:
   pattern split across reads, so it never parses or copies the stream.
 - ``TimedSSEStream`` additionally extracts the send timestamp embedded in each event's data and
   records publish-to-delivery latency at receipt.
+- ``WSStream`` is one WebSocket client (RFC 6455) for any server: the upgrade with a fixed key,
+  then server frames walked by their headers and counted, never decoded; pings answered.
+  ``TimedWSStream`` records latency like ``TimedSSEStream``; ``WSPublisher`` writes pre-built
+  masked frames (``ws_frame``) and counts the acknowledgements, if the server sends any.
 """
 
 from __future__ import annotations

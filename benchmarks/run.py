@@ -13,7 +13,8 @@ Workloads (see benchmarks/README.md for what each measures and the targets):
 
 Each workload starts its own server (``taskset -c 0 python -m tidings serve``) on a fresh SQLite
 file, waits for /healthz, runs, prints a table, writes benchmarks/results/<workload>.json and stops
-the server. Server CPU comes from /proc/<pid>/stat (all threads), memory from /proc/<pid>/status.
+the server; the ws workloads do so for tidings and each baseline in turn. Server CPU comes from
+/proc/<pid>/stat (all threads), memory from /proc/<pid>/status.
 """
 
 from __future__ import annotations
