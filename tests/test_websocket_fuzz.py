@@ -522,13 +522,6 @@ def test_a_field_of_the_wrong_type_is_an_invalid_message(
     harness.check_error(case(document, "invalid_message", message_id))
 
 
-PUBLISH_DISCREPANCY = (
-    "docs/websocket.md: 'invalid_message: ... a field of the wrong type'; the server answers a "
-    "publish field of the wrong JSON type with invalid_event (its HTTP POST /publish check)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=PUBLISH_DISCREPANCY)
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -625,14 +618,6 @@ def test_subscribe_with_no_channels_is_refused(
     harness.check_error(case(document, {"invalid_message", "invalid_pattern"}, message_id))
 
 
-TOO_MANY_CHANNELS = (
-    "docs/websocket.md: 'The reply to that message, and any error about it, carries the same "
-    "id'; the error for a subscribe with more than limits.max_channels (64) channels comes "
-    "without the subscribe's id"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=TOO_MANY_CHANNELS)
 @pytest.mark.parametrize("message_id", ["many", 65])
 def test_subscribe_with_too_many_channels_is_refused_with_its_id(
     harness: Harness, message_id: Id
@@ -714,14 +699,6 @@ def test_an_invalid_publish_gets_its_error_and_publishes_nothing(
     harness.check_error(case(message("publish", message_id, **fields), code, message_id))
 
 
-EMPTY_CONTENT_TYPE = (
-    "docs/websocket.md: datacontenttype is 'the content type (default application/json ...)'; "
-    "an empty or blank one is neither a valid media type (invalid_event) nor the default: the "
-    'server sniffs the data instead, so data "abc" is stored as text/plain'
-)
-
-
-@pytest.mark.xfail(strict=True, reason=EMPTY_CONTENT_TYPE)
 @pytest.mark.parametrize("content_type", ["", "   "])
 def test_an_empty_content_type_is_refused_or_the_default(
     harness: Harness, content_type: str

@@ -130,7 +130,10 @@ def _check(op: str, fields: dict[str, Any], message_id: Id | None, data: bytes |
             fields["sub"] = _id(fields["sub"])
         except InvalidMessage as exc:
             raise InvalidMessage(f"unsubscribe.sub: {exc.detail}") from None
-    elif (
+    elif op == "publish":
+        for name in ("channel", "type", "data_base64", "datacontenttype", "idempotency_key"):
+            _string(fields, name, op)
+    if (
         op == "publish"
         and data is not None
         and (fields.get("data") is not None or fields.get("data_base64") is not None)

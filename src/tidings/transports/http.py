@@ -131,8 +131,8 @@ def json_draft(item: Any, where: str, raw: bytes | None = None) -> Draft:
     if not isinstance(channel, str):
         raise InvalidEvent(f"{where}.channel is required and must be a string")
     content_type = item.get("datacontenttype")
-    if content_type is not None and not isinstance(content_type, str):
-        raise InvalidEvent(f"{where}.datacontenttype must be a string")
+    if content_type is not None and not (isinstance(content_type, str) and content_type.strip()):
+        raise InvalidEvent(f"{where}.datacontenttype must be a non-empty string, or left out")
     for name in ("type", "idempotency_key"):
         if item.get(name) is not None and not isinstance(item[name], str):
             raise InvalidEvent(f"{where}.{name} must be a string")

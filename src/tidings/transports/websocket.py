@@ -509,8 +509,9 @@ class Connection(asyncio.Protocol):
                 self._unsubscribe(message)
             else:
                 await self._publish(message, self.grant)
-        except InvalidMessage as exc:
-            self.send(wire.error(exc.id, exc.code, exc.detail))
+        except InvalidMessage as exc:  # from wire.parse (with the id it could read), or later
+            reply_id = exc.id if exc.id is not None else message_id
+            self.send(wire.error(reply_id, exc.code, exc.detail))
         except TidingsError as exc:
             self.send_error(message_id, exc)
 
