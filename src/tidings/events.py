@@ -260,6 +260,7 @@ class Event:
     """A logged event. Immutable by convention; ``wire`` caches its encodings."""
 
     __slots__ = (
+        "_json",
         "_wire",
         "channel",
         "content_type",
@@ -293,6 +294,7 @@ class Event:
         self.time = time
         self.idempotency_key = idempotency_key
         self._wire: dict[str, bytes] = {}
+        self._json: bytes | None = None
 
     @classmethod
     def from_draft(cls, draft: Draft, epoch: str, seq: int) -> Event:
@@ -318,8 +320,12 @@ class Event:
         return cached
 
     def json(self) -> bytes:
-        """The CloudEvents 1.0 JSON envelope, shared by every JSON transport."""
-        return self.wire("json", encode_envelope)
+        """The CloudEvents 1.0 JSON envelope, shared by every JSON transport. (Its own slot
+        rather than a ``wire`` form: fan-out reads it once per subscriber.)"""
+        envelope = self._json
+        if envelope is None:
+            envelope = self._json = encode_envelope(self)
+        return envelope
 
 
 def format_time(t: float) -> str:

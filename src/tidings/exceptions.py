@@ -19,6 +19,9 @@ The tree::
     │                               ``retry_after`` seconds (the ``Retry-After`` header)
     ├── TooManyConnections          429 ``too_many_connections`` — an address holds its limit
     │                               of open streams; 503 when the whole server holds its limit
+    ├── DuplicateSubscription       409 — a WebSocket subscription id that is already open
+    ├── NotSubscribed               404 — unsubscribing a WebSocket subscription not open
+    ├── TooManySubscriptions        429 — a WebSocket connection holds its limit
     ├── Unavailable                 503 — the hub is shutting down or not started
     └── ConfigError                 configuration is invalid (the CLI turns it into exit code 2)
 
@@ -136,6 +139,21 @@ class TooManyConnections(TidingsError):
         super().__init__(detail)
         if total:  # the server is full, not this client's fault: RFC 9110 §15.6.4
             self.status = 503
+
+
+class DuplicateSubscription(TidingsError):
+    status = 409
+    code = "duplicate_subscription"
+
+
+class NotSubscribed(TidingsError):
+    status = 404
+    code = "not_subscribed"
+
+
+class TooManySubscriptions(TidingsError):
+    status = 429
+    code = "too_many_subscriptions"
 
 
 class Unavailable(TidingsError):

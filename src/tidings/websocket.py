@@ -153,14 +153,18 @@ def split_binary(frame: bytes) -> tuple[bytes, bytes]:
     return head, data
 
 
+_LENGTH16 = struct.Struct("!BBH").pack
+_LENGTH64 = struct.Struct("!BBQ").pack
+
+
 def frame_header(length: int, opcode: int = TEXT) -> bytes:
     """The header of one unmasked, final server frame with a payload of ``length`` bytes."""
     first = 0x80 | opcode
     if length < 126:
         return bytes((first, length))
     if length < 65536:
-        return struct.pack("!BBH", first, 126, length)
-    return struct.pack("!BBQ", first, 127, length)
+        return _LENGTH16(first, 126, length)
+    return _LENGTH64(first, 127, length)
 
 
 def event_prefix(sub: Id) -> bytes:
@@ -181,6 +185,15 @@ def _encode_head(event: Event) -> bytes:
 def envelope_head(event: Event) -> bytes:
     """The envelope without its data: the JSON part of a binary event frame (cached)."""
     return event.wire("envelope-head", _encode_head)
+
+
+def event_message(prefix: bytes, event: Event, binary: bool) -> tuple[int, bytes]:
+    """The opcode and payload of one event message; binary-data events in a binary frame
+    when the subscription asked for them (``binary``). Fan-out's common case (a text frame
+    from the shared envelope) is inlined by the transport instead."""
+    if binary and is_binary(event):
+        return BINARY, b"".join((prefix, envelope_head(event), b"}\n", event.data))
+    return TEXT, b"".join((prefix, event.json(), b"}"))
 
 
 def reply(op: str, message_id: Id | None, **fields: Any) -> bytes:

@@ -1,72 +1,55 @@
-"""WebSocket, ``GET /ws``: subscribe, unsubscribe, publish with acks (docs/websocket.md).
+"""One WebSocket connection, from the upgrade request to the closed socket (docs/websocket.md).
 
-Structure:
-- ``Connection`` is the asyncio protocol of one upgraded connection. uvicorn parses the upgrade
-  request and hands the socket over through its ``ws`` protocol-class hook; from there the
-  websockets library's sans-I/O ``ServerProtocol`` does the handshake checks, frame parsing and
-  unmasking, the message size limit, pings' pongs, the close handshake and compression. This
-  module does the rest, without ASGI in between, so it can write to the socket directly.
-- No task per idle connection. Events are written from the hub's ``wakeup`` callback: one loop
-  callback per server writes every connection that has events, each in one ``write``. Messages
-  from the client run in a short-lived task per burst; publishes run concurrently, up to
-  ``PUBLISH_WINDOW`` per connection; a subscription reads history in a task while it catches
-  up. ``WebSockets`` owns them all in one TaskGroup, and one ticker does keep-alive, auth and
-  close deadlines for every connection.
-- Bounded everywhere: each subscription's queue is the hub's; replies are only produced while
-  the client takes them (the message task waits while the socket is full, and reading pauses
-  once ``INBOX`` messages wait), so a client that stops reading holds a socket buffer, a queue
-  per subscription, and then is closed as lagged or for not answering pings.
+The websockets library's sans-I/O ``ServerProtocol`` parses and checks frames; this class reads
+messages into a bounded inbox handled by a short-lived task, writes replies and events itself
+(event frames from each event's shared envelope), and keeps the connection's deadlines.
+
+Longer than our usual module: one connection's state (inbox, subscriptions, pending writes,
+deadlines) changes from protocol callbacks, tasks and the ticker, and every rule about that
+state stays in this one class.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
-import struct
 import time
 from collections import deque
-from collections.abc import Coroutine
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from starlette.requests import HTTPConnection
-from starlette.responses import Response
 from uvicorn.server import ServerState
-from websockets.datastructures import Headers
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
-from websockets.http11 import Response as HandshakeResponse
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from .. import websocket as wire
-from ..auth import Grant
-from ..events import Cursor, Event, format_time, parse_patterns
-from ..exceptions import (
+from ... import websocket as wire
+from ...auth import Grant
+from ...events import Cursor, Event, format_time, parse_patterns
+from ...exceptions import (
+    DuplicateSubscription,
     Forbidden,
     InvalidMessage,
-    InvalidParameter,
+    NotSubscribed,
     PayloadTooLarge,
     TidingsError,
     TooManyRequests,
+    TooManySubscriptions,
     Unauthorized,
-    Unavailable,
 )
-from ..hub import Subscription
-from ..limits import Action, Slot
-from ..periodic import every
-from . import Context, Query, credential
-from .http import error_response, json_draft
-from .origins import OriginPolicy
+from ...hub import Subscription
+from ...limits import Action, Slot
+from ..http import json_draft
+from . import handshake
+
+if TYPE_CHECKING:
+    from .server import WebSockets
 
 log = logging.getLogger("tidings.ws")
 
-PATH = "/ws"
-QUERY = ("token", "channel", "since")
-URL_SUBSCRIPTION = "url"  # the id of the subscription opened by ?channel=
 BATCH = 512  # events per subscription per write at most
 PUBLISH_WINDOW = 64  # publishes in flight per connection
 INBOX = 16  # messages read ahead of the one being handled before reading pauses (or
@@ -79,14 +62,6 @@ INTERNAL_ERROR = 1011
 LAGGED = 4001
 UNAUTHORIZED = 4401
 FORBIDDEN = 4403
-
-
-async def upgrade_required(request: HTTPConnection) -> Response:
-    """``GET /ws`` without ``Upgrade: websocket``: say what the endpoint is (RFC 9110 §15.5.22)."""
-    detail = f"{PATH} is a WebSocket endpoint: connect with a WebSocket client (docs/websocket.md)"
-    return error_response(
-        426, "upgrade_required", detail, {"Upgrade": "websocket", "Connection": "Upgrade"}
-    )
 
 
 def _reason(text: str) -> str:
@@ -107,85 +82,6 @@ class Stream:
         self.binary = binary
         self.prefix = wire.event_prefix(message_id)
         self.catching_up = False  # a task is reading history for it
-
-
-class WebSockets:
-    """The WebSocket side of one server: open connections, their tasks, one ticker."""
-
-    def __init__(self, ctx: Context, origins: OriginPolicy) -> None:
-        self.ctx = ctx
-        self.settings = ctx.settings.websocket
-        self.origins = origins
-        self.open: set[Connection] = set()
-        self.delivered = ctx.hub.metrics.delivered.labels("ws")
-        self._tasks: asyncio.TaskGroup | None = None
-        self._pending: dict[Connection, None] = {}
-        self._flush_scheduled = False
-        self._pings = 0
-
-    def protocol_class(self) -> type[Connection]:
-        """For uvicorn's ``ws`` setting: the protocol class of this server's connections."""
-        return type("Connection", (Connection,), {"sockets": self, "__slots__": ()})
-
-    @property
-    def interval(self) -> float:
-        s = self.settings
-        return max(0.05, min(1.0, s.ping_interval / 4, s.ping_timeout / 4, s.auth_timeout / 4))
-
-    async def run(self, stopping: asyncio.Event, grace: float) -> None:
-        """Own the connections' tasks and tick until ``stopping``; then until they are gone."""
-        loop = asyncio.get_running_loop()
-        async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
-            async for _ in every(self.interval, stopping):
-                self._tick()
-            deadline = loop.time() + grace + CLOSE_TIMEOUT
-            while self.open and loop.time() < deadline:
-                await asyncio.sleep(0.1)
-                self._tick()
-            for conn in list(self.open):
-                conn.abort()
-        self._tasks = None
-
-    def _tick(self) -> None:
-        now, wall = asyncio.get_running_loop().time(), time.time()
-        for conn in list(self.open):
-            conn.tick(now, wall)
-
-    def spawn(self, coro: Coroutine[Any, Any, None], conn: Connection) -> None:
-        if self._tasks is None:  # not running (or finished): nothing may start
-            coro.close()
-            conn.abort()
-            return
-        self._tasks.create_task(self._guarded(coro, conn))
-
-    @staticmethod
-    async def _guarded(coro: Coroutine[Any, Any, None], conn: Connection) -> None:
-        try:
-            await coro
-        except Exception:  # a bug: end this connection, not the server's task group
-            log.exception("WebSocket connection failed")
-            conn.close(INTERNAL_ERROR, "internal error; see the server log")
-
-    def schedule(self, conn: Connection) -> None:
-        """Write ``conn``'s pending events soon, together with every other connection's."""
-        self._pending[conn] = None
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        pending, self._pending = self._pending, {}
-        delivered = 0
-        for conn in pending:
-            delivered += conn.flush()
-        if delivered:
-            self.delivered.inc(delivered)
-
-    def ping_payload(self) -> bytes:
-        self._pings = (self._pings + 1) & 0xFFFFFFFF
-        return struct.pack("!I", self._pings)
 
 
 class Connection(asyncio.Protocol):
@@ -314,43 +210,23 @@ class Connection(asyncio.Protocol):
     # -- handshake -----------------------------------------------------------------------------
 
     def _handshake(self, request: Request) -> None:
-        headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
-                   for k, v in request.headers.raw_items()]  # fmt: skip
-        path, _, query_string = request.path.partition("?")
-        if path != PATH:
-            detail = f"no such endpoint: WebSocket {path[:100]}; the WebSocket endpoint is {PATH}"
-            self._refuse(404, "not_found", detail)
-            return
-        response = self.ws.accept(request)
-        if response.status_code != 101:
-            detail = (response.body or b"").decode(errors="replace").strip()
-            kept = [(k, v) for k, v in response.headers.raw_items()
-                    if k.lower() in ("upgrade", "sec-websocket-version", "allow")]  # fmt: skip
-            self._refuse(response.status_code, "bad_request", detail, kept)
-            return
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
-        scope = {
-            "type": "websocket",
-            "path": path,
-            "query_string": query_string.encode("latin-1"),
-            "headers": headers,
-            "client": tuple(peer[:2]) if isinstance(peer, tuple) else None,
-        }
-        try:
-            token, subscribe = self._admit(scope)
-        except TidingsError as exc:
-            extra = []
-            if isinstance(exc, TooManyRequests):
-                extra.append(("Retry-After", exc.retry_after_header))
-            self._refuse(exc.status, exc.code, exc.detail, extra)
+        outcome = handshake.admit(self.ctx, self.sockets.origins, self.ws, request, peer)
+        if not isinstance(outcome, handshake.Admission):
+            self.ws.send_response(outcome)
             return
-        self.ws.send_response(response)
+        self.address, self.slot = outcome.address, outcome.slot
+        self.ws.send_response(outcome.response)
         self.deflate = bool(self.ws.extensions)
         self.opened = self.last_heard = self.loop.time()
         self.sockets.open.add(self)
+        subscribe = outcome.subscribe
         try:
-            self.grant = self._authenticate(token)
+            auth = self.ctx.auth
+            if outcome.token is not None or not auth.enabled:
+                self.grant = auth.authenticate(outcome.token)
+            # else: it may come in an auth message, within websocket.auth_timeout
             if subscribe is not None:
                 if self.grant is None:
                     raise Unauthorized(
@@ -366,52 +242,6 @@ class Connection(asyncio.Protocol):
             return
         if subscribe is not None:
             self._enqueue(Opcode.TEXT, orjson.dumps(subscribe))
-
-    def _admit(self, scope: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
-        """The handshake's checks that refuse it with an HTTP error. Returns the credential
-        given (checked after the upgrade) and the subscription the URL asks for, if any."""
-        refusal = self.sockets.origins.refusal(scope["headers"])
-        if refusal is not None:
-            raise OriginNotAllowed(refusal)
-        connection = HTTPConnection(scope)
-        query = Query(connection, QUERY)
-        subscribe = None
-        if query.params.getlist("channel"):
-            patterns = query.patterns(self.ctx.settings.limits.max_channels)
-            since = query.cursor()
-            subscribe = {"op": "subscribe", "id": URL_SUBSCRIPTION,
-                         "channels": [p.text for p in patterns],
-                         "since": None if since is None else str(since)}  # fmt: skip
-        elif query.one("since") is not None:
-            raise InvalidParameter("query parameter 'since' needs at least one 'channel'")
-        if not self.ctx.hub.running:
-            raise Unavailable("the server is shutting down; connect again in a moment")
-        limits = self.ctx.limits
-        self.address = limits.address(scope)
-        limits.check_address("subscribe", self.address, time.monotonic())
-        self.slot = limits.streams.acquire(self.address)
-        return credential(connection, query, self.ctx.settings.auth.cookie), subscribe
-
-    def _authenticate(self, token: str | None) -> Grant | None:
-        auth = self.ctx.auth
-        if token is None and auth.enabled:
-            return None  # it may come in an auth message, within websocket.auth_timeout
-        return auth.authenticate(token)
-
-    def _refuse(
-        self, status: int, code: str, detail: str, extra: list[tuple[str, str]] | None = None
-    ) -> None:
-        body = orjson.dumps({"error": code, "detail": detail})
-        headers = Headers(
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                ("Connection", "close"),
-                *(extra or []),
-            ]
-        )
-        phrase = http.HTTPStatus(status).phrase
-        self.ws.send_response(HandshakeResponse(status, phrase, headers, body))
 
     # -- frames in -----------------------------------------------------------------------------
 
@@ -579,7 +409,7 @@ class Connection(asyncio.Protocol):
         if sub.reason:
             state["reason"] = sub.reason
         self.send(wire.reply("subscribed", sub_id, **state))
-        sub.wakeup = partial(self._wake, stream)
+        sub.wakeup = partial(self.sockets.wake, self, stream)
         if sub.more:
             self._wake(stream)
 
@@ -640,68 +470,66 @@ class Connection(asyncio.Protocol):
             self.transport.write(wire.frame_header(len(payload), opcode) + payload)
 
     def _encode(self, stream: Stream, events: list[Event], parts: list[bytes]) -> None:
-        prefix = stream.prefix
-        header = wire.frame_header
-        if self.deflate or stream.binary:
-            for event in events:
-                if stream.binary and wire.is_binary(event):
-                    payload = b"".join((prefix, wire.envelope_head(event), b"}\n", event.data))
-                    opcode = wire.BINARY
-                else:
-                    payload = b"".join((prefix, event.json(), b"}"))
-                    opcode = wire.TEXT
-                if self.deflate:
-                    if opcode == wire.TEXT:
-                        self.ws.send_text(payload)
-                    else:
-                        self.ws.send_binary(payload)
-                else:
-                    parts += (header(len(payload), opcode), payload)
-            if self.deflate:
-                parts += self.ws.data_to_send()
-            return
-        extra = len(prefix) + 1
+        """Frames for ``events`` (the uncommon cases: binary frames, compression)."""
         for event in events:
-            envelope = event.json()
-            parts += (header(len(envelope) + extra), prefix, envelope, b"}")
+            opcode, payload = wire.event_message(stream.prefix, event, stream.binary)
+            if self.deflate:  # compressed per connection: the library frames it
+                if opcode == wire.TEXT:
+                    self.ws.send_text(payload)
+                else:
+                    self.ws.send_binary(payload)
+            else:
+                parts += (wire.frame_header(len(payload), opcode), payload)
+        if self.deflate:
+            parts += self.ws.data_to_send()
 
     def _wake(self, stream: Stream) -> None:
-        """The hub's ``wakeup``: ``stream`` has events (or ended). Only schedules work."""
-        self.ready[stream] = None
-        self.sockets.schedule(self)
+        self.sockets.wake(self, stream)
+
+    # Per-delivery work below is kept flat (locals, no helper calls on the common path): with one
+    # event per write it is, with the write itself, all a delivery costs.
 
     def flush(self) -> int:
         """Write the events of every ready subscription in one write; returns how many."""
-        if self.closing is not None or not self.ready:
+        ready = self.ready
+        if self.closing is not None or not ready:
             return 0
+        if not self.writable:  # events wait in the hub's bounded queues; ends do not wait
+            for stream in [s for s in ready if s.sub.ended is not None]:
+                del ready[stream]
+                self._ended(stream)
+            return 0
+        self.ready = {}
         parts: list[bytes] = []
         delivered = 0
-        for stream in list(self.ready):
-            if self.closing is not None:  # a subscription's end closed the connection
-                return delivered
+        plain = not self.deflate
+        header = wire.frame_header
+        for stream in ready:
             sub = stream.sub
-            if sub.ended is not None:  # handled even while the socket is full
-                self.ready.pop(stream, None)
-                if self.streams.get(stream.id) is stream:
-                    self._ended(stream)
-            elif not self.writable:
-                continue  # its events wait in the hub's bounded queue: resume_writing
-            elif sub.catching_up:
-                del self.ready[stream]
-                if not stream.catching_up:
-                    stream.catching_up = True
-                    self.sockets.spawn(self._catch_up(stream), self)
-            else:
-                events = sub.take(BATCH)
-                if events:
-                    delivered += len(events)
+            events = sub.take(BATCH)
+            if events:
+                delivered += len(events)
+                if plain and not stream.binary:
+                    prefix = stream.prefix
+                    extra = len(prefix) + 1
+                    for event in events:
+                        envelope = event.json()
+                        parts += (header(len(envelope) + extra), prefix, envelope, b"}")
+                else:
                     self._encode(stream, events, parts)
-                if not sub.more:
-                    del self.ready[stream]
-        if parts and self.closing is None and self.transport is not None:
-            self.transport.write(b"".join(parts))
-        if self.ready and self.writable and self.closing is None:
-            self.sockets.schedule(self)  # more than BATCH were waiting: the rest next round
+                if len(events) == BATCH:  # more may wait: the rest next round
+                    self.ready[stream] = None
+            elif sub.ended is not None:
+                self._ended(stream)
+            elif sub.catching_up and not stream.catching_up:
+                stream.catching_up = True
+                self.sockets.spawn(self._catch_up(stream), self)
+        if self.closing is not None or self.transport is None:
+            return delivered  # a subscription's end closed the connection
+        if parts:
+            self.transport.write(b"".join(parts))  # one buffer: uvloop's writelines is slower
+        if self.ready:
+            self.sockets.schedule(self)
         return delivered
 
     async def _catch_up(self, stream: Stream) -> None:
@@ -727,6 +555,8 @@ class Connection(asyncio.Protocol):
             self._wake(stream)
 
     def _ended(self, stream: Stream) -> None:
+        if self.streams.get(stream.id) is not stream:
+            return  # unsubscribed, or already ended with the connection
         sub = stream.sub
         if sub.ended == "lagged":
             why = sub.ended_why or "its queue overflowed"
@@ -810,22 +640,3 @@ class Connection(asyncio.Protocol):
             self.ping_sent = now
             self.ws.send_ping(self.ping_payload)
             self._send_protocol_data()
-
-
-class OriginNotAllowed(Forbidden):
-    code = "origin_not_allowed"
-
-
-class DuplicateSubscription(TidingsError):
-    status = 409
-    code = "duplicate_subscription"
-
-
-class TooManySubscriptions(TidingsError):
-    status = 429
-    code = "too_many_subscriptions"
-
-
-class NotSubscribed(TidingsError):
-    status = 404
-    code = "not_subscribed"
