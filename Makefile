@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint format bench clean
+.PHONY: run test check lint format bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("tidings needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -27,6 +27,12 @@ check: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The gRPC code in src/tidings/v1 is generated from proto/ and committed; tests/test_proto.py
+# checks it is current.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=src --pyi_out=src \
+		--grpc_python_out=src proto/tidings/v1/tidings.proto
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
