@@ -74,6 +74,7 @@ def make_settings(tmp_path: Any, **overrides: Any) -> config.Settings:
     """Settings for a test server: free port, SQLite in tmp_path; overrides as section_key=value."""
     settings = config.load(None, environ={})
     settings.server.port = 0
+    settings.grpc.port = 0
     settings.log.path = os.path.join(str(tmp_path), "tidings.db")
     for name, value in overrides.items():
         section, _, key = name.partition("_")

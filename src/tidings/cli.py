@@ -39,11 +39,15 @@ def _banner(node: object) -> None:
     else:
         auth = "OFF - anyone who can connect may publish and subscribe"
     ws_url = "ws" + url.removeprefix("http")  # https -> wss
+    grpc_line = ""
+    if node.grpc is not None and node.grpc.port is not None:
+        grpc_line = f"  gRPC           {node.grpc.host}:{node.grpc.port}   (docs/grpc.md)\n"
     print(
         f"tidings {__version__} listening on {url}  (log: {where})\n"
         f"  auth      {auth}\n"
         f"  publish   POST {url}/channels/{{channel}}   batch: POST {url}/publish\n"
         f"  WebSocket      {ws_url}/ws   (docs/websocket.md)\n"
+        f"{grpc_line}"
         f"  SSE       GET  {url}/sse?channel=PATTERN[&since=CURSOR]\n"
         f"  poll      GET  {url}/poll?channel=PATTERN[&since=CURSOR][&wait=SECONDS]\n"
         f"  history   GET  {url}/history?channel=PATTERN[&since=CURSOR]\n"
@@ -72,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
         ("server", "host"): args.host,
         ("server", "port"): args.port,
+        ("grpc", "port"): args.grpc_port,
         ("log", "backend"): args.log,
         ("log", "path"): args.db,
         ("log", "durability"): args.durability,
@@ -181,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (server.host, default 127.0.0.1)")
     serve.add_argument(
         "--port", type=int, help="port to listen on (server.port, default 8080; 0 = any free)"
+    )
+    serve.add_argument(
+        "--grpc-port", type=int, help="gRPC port (grpc.port, default 50051; 0 = any free)"
     )
     serve.add_argument(
         "--log", choices=["sqlite", "memory"], help="history backend (log.backend, default sqlite)"

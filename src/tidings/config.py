@@ -94,6 +94,18 @@ class WebSocketSettings:
 
 
 @dataclass
+class GrpcSettings:
+    enabled: bool = True
+    host: str = ""  # empty: server.host
+    port: int = 50051  # 0: any free port
+    max_message: Size = Size(1024 * 1024)  # the largest message received or sent
+    keepalive_interval: Duration = Duration(20.0)  # ping idle connections this often
+    keepalive_timeout: Duration = Duration(20.0)  # drop one that does not answer within this
+    tls_cert_file: str = ""  # PEM; with tls_key_file, serve TLS
+    tls_key_file: str = ""
+
+
+@dataclass
 class PollSettings:
     max_wait: Duration = Duration(60.0)
 
@@ -147,6 +159,7 @@ class Settings:
     http: HTTPSettings = field(default_factory=HTTPSettings)
     sse: SSESettings = field(default_factory=SSESettings)
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
+    grpc: GrpcSettings = field(default_factory=GrpcSettings)
     poll: PollSettings = field(default_factory=PollSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
@@ -156,7 +169,7 @@ _POSITIVE = {"queue_size", "max_events", "max_batch", "default_limit", "max_limi
              "max_event_bytes", "max_request_bytes", "heartbeat", "write_timeout", "trim_interval",
              "max_age", "idempotency_window", "max_channels", "header_timeout",
              "idle_timeout", "ping_interval", "ping_timeout", "auth_timeout", "max_message",
-             "max_subscriptions"}  # fmt: skip
+             "max_subscriptions", "keepalive_interval", "keepalive_timeout"}  # fmt: skip
 _NON_NEGATIVE = {"publish_rate", "publish_burst", "subscribe_rate", "subscribe_burst",
                  "credential_publish_rate", "credential_publish_burst",
                  "credential_subscribe_rate", "credential_subscribe_burst",
@@ -247,6 +260,8 @@ def _apply(settings: Settings, section: str, key: str, value: Any, where: str) -
         raise ConfigError(
             f"{where} (server.port) must be 0-65535 (0: any free port), not {value!r}"
         )
+    if (section, key) == ("grpc", "port") and not 0 <= coerced < 65536:
+        raise ConfigError(f"{where} (grpc.port) must be 0-65535 (0: any free port), not {value!r}")
     if (section, key) == ("log", "path") and not coerced.strip():
         raise ConfigError(f"{where} (log.path) must name a file, not {value!r}")
     if (section, key) == ("limits", "trusted_proxies"):
@@ -294,6 +309,9 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> S
 
 
 def _check(settings: Settings) -> None:
+    grpc = settings.grpc
+    if bool(grpc.tls_cert_file) != bool(grpc.tls_key_file):
+        raise ConfigError("grpc.tls_cert_file and grpc.tls_key_file go together: set both or none")
     http = settings.http
     if http.default_limit > http.max_limit:
         raise ConfigError("http.default_limit must not exceed http.max_limit")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-TRANSPORTS = ("sse", "ws", "longpoll", "poll", "http")
+TRANSPORTS = ("sse", "ws", "grpc", "longpoll", "poll", "http")
 
 
 class Metrics:

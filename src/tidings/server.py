@@ -42,6 +42,7 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .periodic import every
 from .transports import Context, admin, http, origins, polling, sse, websocket
+from .transports.grpc import GrpcServer
 
 logger = logging.getLogger("tidings")
 
@@ -237,6 +238,7 @@ class Tidings:
         self.asgi = origins.guard(self.app, policy)
         self.context: Context = self.app.state.tidings
         self.websockets = websocket.WebSockets(self.context, policy)
+        self.grpc: GrpcServer | None = None  # made in ``run``: grpc.aio binds to the loop
         self.socket: socket.socket | None = None
         self._server: _Server | None = None
         self._stopping = asyncio.Event()
@@ -271,9 +273,13 @@ class Tidings:
         server_cfg = self.settings.server
         auth = self.context.auth
         anonymous = not auth.enabled and not self.settings.auth.allow_anonymous
-        if anonymous and not is_loopback(server_cfg.host):
+        hosts = [server_cfg.host]
+        if self.settings.grpc.enabled:
+            hosts.append(self.settings.grpc.host or server_cfg.host)
+        public = next((h for h in hosts if not is_loopback(h)), None)
+        if anonymous and public is not None:
             raise ConfigError(
-                f"refusing to serve {server_cfg.host} without authentication: anyone who "
+                f"refusing to serve {public} without authentication: anyone who "
                 "can reach it could publish and subscribe. Configure [auth] "
                 "(docs/security.md), or allow anonymous access explicitly "
                 "(auth.allow_anonymous = true, or --allow-anonymous)"
@@ -289,6 +295,9 @@ class Tidings:
                     f"cannot listen on {server_cfg.host}:{server_cfg.port} "
                     f"(server.host, server.port): {exc.strerror or exc}"
                 ) from None
+            if self.settings.grpc.enabled:
+                self.grpc = GrpcServer(self.context, self.settings.grpc, server_cfg.host)
+                await self.grpc.start()
             self._server = _Server(self._uvicorn_config())
             if signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -298,6 +307,8 @@ class Tidings:
                 tasks.create_task(self.context.streams.run(self._stopping))
                 grace = self.settings.server.shutdown_grace
                 tasks.create_task(self.websockets.run(self._stopping, grace))
+                if self.grpc is not None:
+                    tasks.create_task(self._drain_grpc(self.grpc))
                 if auth.api_keys is not None:
                     tasks.create_task(auth.api_keys.watch(self._stopping))
                 if auth.jwks is not None:
@@ -312,9 +323,21 @@ class Tidings:
             if signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
+            if self.grpc is not None:
+                await self.grpc.stop(self.settings.server.shutdown_grace)
             await self.hub.stop()
             if self.socket is not None:
                 self.socket.close()
+
+    async def _drain_grpc(self, grpc: GrpcServer) -> None:
+        """At shutdown, health turns NOT_SERVING at once; the port closes after HTTP's."""
+        await self._stopping.wait()
+        await grpc.drain()
+
+    @property
+    def grpc_port(self) -> int:
+        assert self.grpc is not None and self.grpc.port is not None, "gRPC is not serving"
+        return self.grpc.port
 
     def _uvicorn_config(self) -> uvicorn.Config:
         server_cfg = self.settings.server
