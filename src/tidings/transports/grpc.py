@@ -8,7 +8,9 @@ Rules:
 - ``Subscribe`` streams pre-encoded messages: each event's ``SubscribeResponse`` is encoded once
   and shared by every gRPC subscriber. The handler writes what the client's flow control lets
   through; the hub's bounded queue holds the rest and ends a subscriber that falls behind
-  (``RESOURCE_EXHAUSTED``, ``lagged``): the publish path never waits on a stream.
+  (``RESOURCE_EXHAUSTED``, ``lagged``): the publish path never waits on a stream. A handler
+  waiting on a client that reads nothing holds one message: the hub has already dropped the
+  subscription, and the status follows what the client's flow-control window took.
 - Shutdown: health turns ``NOT_SERVING`` first, then streams end with ``UNAVAILABLE`` as the hub
   drains, then the server stops.
 """
