@@ -337,3 +337,12 @@ def test_serve_with_a_log_path_that_cannot_be_opened_exits_2_with_one_line(
         (tmp_path / "file").write_text("")
         path = tmp_path / "file" / "tidings.db"
     assert_config_exit(run_cli("serve", "--port", "0", "--db", str(path)), str(path))
+
+
+def test_grpc_tls_needs_both_files_and_a_valid_port() -> None:
+    with pytest.raises(ConfigError, match="tls_cert_file and grpc.tls_key_file go together"):
+        config.load(None, environ={"TIDINGS_GRPC_TLS_CERT_FILE": "cert.pem"})
+    with pytest.raises(ConfigError, match="grpc.port"):
+        config.load(None, environ={"TIDINGS_GRPC_PORT": "70000"})
+    settings = config.load(None, environ={"TIDINGS_GRPC_ENABLED": "no"})
+    assert settings.grpc.enabled is False

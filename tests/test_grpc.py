@@ -19,9 +19,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from websockets.asyncio.client import connect as ws_connect
 
-from conftest import RunningServer
+from conftest import RunningServer, make_settings
 from streaming import SSEClient, envelope
 from test_access import SECRET, token
+from tidings.exceptions import ConfigError
+from tidings.server import Tidings
 from tidings.v1 import tidings_pb2 as pb
 from tidings.v1 import tidings_pb2_grpc as pb_grpc
 
@@ -354,3 +356,73 @@ async def test_a_client_built_from_reflection_alone_can_publish(server: RunningS
     assert {"tidings.v1.Tidings", "grpc.health.v1.Health"} <= set(services)
     answer = pb.PublishResponse.FromString(raw)  # the same wire format as the real stubs
     assert answer.event.channel == "reflected" and answer.event.id
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+
+def self_signed(tmp_path: Any) -> tuple[str, str, bytes]:
+    """A certificate for 127.0.0.1 and its key, as PEM files; and the certificate's bytes."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert_pem)
+    key_file.write_bytes(key_pem)
+    return str(cert_file), str(key_file), cert_pem
+
+
+async def test_tls_when_configured(
+    make_server: Callable[..., RunningServer], tmp_path: Any
+) -> None:
+    cert_file, key_file, cert_pem = self_signed(tmp_path)
+    server = make_server(grpc_tls_cert_file=cert_file, grpc_tls_key_file=key_file)
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert_pem)
+    async with grpc.aio.secure_channel(target(server), credentials) as channel:
+        answer = await pb_grpc.TidingsStub(channel).Publish(pb.PublishRequest(channel="tls"))
+    assert answer.event.channel == "tls"
+    async with grpc.aio.insecure_channel(target(server)) as channel:  # plaintext is refused
+        error = await refusal(
+            pb_grpc.TidingsStub(channel).Publish(pb.PublishRequest(channel="tls"), timeout=2)
+        )
+    assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_grpc_can_be_turned_off(make_server: Callable[..., RunningServer]) -> None:
+    server = make_server(grpc_enabled=False)
+    assert server.node.grpc is None
+    assert httpx.get(f"{server.url}/healthz", timeout=TIMEOUT).status_code == 200
+
+
+def test_a_public_grpc_address_without_auth_is_refused(tmp_path: Any) -> None:
+    settings = make_settings(tmp_path, grpc_host="0.0.0.0")
+    with pytest.raises(ConfigError, match=r"refusing to serve 0\.0\.0\.0 without authentication"):
+        asyncio.run(Tidings(settings).run())
