@@ -335,6 +335,11 @@ class Collector:
         return self.queue.empty()
 
 
+def connect(server: RunningServer) -> Client:
+    """A client of ``server`` on every transport: the test server's gRPC port is not 50051."""
+    return Client(server.url, grpc_target=f"127.0.0.1:{server.node.grpc_port}")
+
+
 def subscribe(client: Client, patterns: Sequence[str], via: Via, **kwargs: Any) -> Collector:
     kwargs.setdefault("poll_interval", 0.05)
     kwargs.setdefault("wait", 5)
@@ -422,7 +427,7 @@ async def test_publish_to_an_unreachable_server_raises_server_unavailable() -> N
 async def test_subscribe_from_a_cursor_in_the_middle_gets_exactly_the_later_events(
     server: RunningServer, via: Via
 ) -> None:
-    async with Client(server.url) as client:
+    async with connect(server) as client:
         sent = await publish_n(client, "m/a", 4)
         await client.publish("other", 0)  # not matching
         sent += await publish_n(client, "m/b", 4, start=4)
@@ -439,7 +444,7 @@ async def test_subscribe_from_a_cursor_in_the_middle_gets_exactly_the_later_even
 async def test_subscribe_without_a_cursor_starts_at_the_live_edge(
     server: RunningServer, via: Via
 ) -> None:
-    async with Client(server.url) as client:
+    async with connect(server) as client:
         await publish_n(client, "edge", 3)
         async with subscribe(client, ["edge"], via) as sub:
             await sub.subscribed()
@@ -451,16 +456,18 @@ async def test_subscribe_without_a_cursor_starts_at_the_live_edge(
 async def test_subscription_resumes_across_a_server_restart_without_loss_or_duplicates(
     tmp_path: Path, via: Via
 ) -> None:
-    settings = make_settings(tmp_path, server_port=free_port())  # same port, same SQLite file
+    # The same ports (HTTP and gRPC), the same SQLite file.
+    settings = make_settings(tmp_path, server_port=free_port(), grpc_port=free_port())
     first = RunningServer(settings).start()
     second: RunningServer | None = None
     try:
-        async with Client(first.url) as client, subscribe(client, ["r/**"], via) as sub:
+        async with connect(first) as client, subscribe(client, ["r/**"], via) as sub:
             await sub.subscribed()
             before = await publish_n(client, "r/1", 3)
             assert [e.id for e in await sub.events(3)] == before
             await asyncio.to_thread(first.stop)
-            second = RunningServer(make_settings(tmp_path, server_port=settings.server.port))
+            ports = {"server_port": settings.server.port, "grpc_port": settings.grpc.port}
+            second = RunningServer(make_settings(tmp_path, **ports))
             await asyncio.to_thread(second.start)
             after = await publish_n(client, "r/2", 3, start=3)
             assert before[0].split(":")[0] == after[0].split(":")[0]  # the same log
@@ -503,7 +510,7 @@ async def test_restart_with_a_new_log_surfaces_continuity_lost(tmp_path: Path, v
 async def test_cursor_from_another_log_surfaces_continuity_lost(
     server: RunningServer, via: Via
 ) -> None:
-    async with Client(server.url) as client:
+    async with connect(server) as client:
         [head] = await publish_n(client, "x", 1)
         async with subscribe(client, ["x"], via, since="zz00:5") as sub:
             [notice] = await sub.take(1)
@@ -519,7 +526,7 @@ async def test_gap_removed_by_retention_surfaces_continuity_lost(
     make_server: Callable[..., RunningServer], via: Via
 ) -> None:
     server = make_server(log_max_events=3)
-    async with Client(server.url) as client:
+    async with connect(server) as client:
         sent = await publish_n(client, "old", 6)
         server.run_coroutine(server.hub.log.trim())
         async with subscribe(client, ["old"], via, since=sent[0]) as sub:
@@ -559,8 +566,9 @@ class CountingTransport(httpx.AsyncBaseTransport):
 
 
 # Over WebSocket a refusal is an error message, not an HTTP status, and the handshake does not
-# go through the httpx transport counted here: test_client_ws.py covers it.
-@pytest.mark.parametrize("via", [v for v in VIAS if v != "ws"])
+# go through the httpx transport counted here: test_client_ws.py covers it. gRPC has a status
+# code, not an HTTP status, and no httpx request either: test_client_grpc.py covers it.
+@pytest.mark.parametrize("via", [v for v in VIAS if v not in ("ws", "grpc")])
 @pytest.mark.parametrize(
     ("pattern", "since", "code"),
     [("a/**/b", None, "invalid_pattern"), ("a", "not-a-cursor", "invalid_cursor")],
@@ -583,7 +591,7 @@ async def test_refused_subscription_raises_without_retrying(
 async def test_closing_the_client_ends_subscriptions_waiting_in_other_tasks(
     server: RunningServer, via: Via
 ) -> None:
-    client = Client(server.url)
+    client = connect(server)
     subscription = client.subscribe("c", via=via, wait=30, poll_interval=0.05)
     items: list[Received] = []
 

@@ -63,7 +63,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     via: PublishVia = args.via
 
     async def publish() -> Mapping[str, Any]:
-        async with Client(url) as client:
+        async with Client(url, grpc_target=args.grpc_target) as client:
             # bytes: the server recognises JSON or text unless --content-type says otherwise.
             return await client.publish(
                 args.channel,
@@ -90,7 +90,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         out = sys.stdout.buffer
         received = 0
         async with (
-            Client(url) as client,
+            Client(url, grpc_target=args.grpc_target) as client,
             client.subscribe(
                 args.patterns,
                 via=args.via,
@@ -129,6 +129,11 @@ def add_commands(commands: Any) -> None:
     """Add ``publish`` and ``subscribe`` to the ``tidings`` command's subparsers."""
     url_help = f"server URL (default: $TIDINGS_URL or {DEFAULT_URL})"
     default_url = os.environ.get("TIDINGS_URL") or DEFAULT_URL
+    grpc_help = (
+        "--via grpc: the server's gRPC address (default: $TIDINGS_GRPC_TARGET, "
+        "else the host of the URL, port 50051)"
+    )
+    default_grpc = os.environ.get("TIDINGS_GRPC_TARGET") or None
 
     publish = commands.add_parser(
         "publish",
@@ -147,9 +152,10 @@ def add_commands(commands: Any) -> None:
         "--via",
         choices=list(get_args(PublishVia)),
         default="http",
-        help="http prints the stored envelope, ws the acknowledgement (default: http)",
+        help="http and grpc print the stored envelope, ws the acknowledgement (default: http)",
     )
     publish.add_argument("--url", default=default_url, help=url_help)
+    publish.add_argument("--grpc-target", metavar="HOST:PORT", default=default_grpc, help=grpc_help)
     publish.set_defaults(handler=cmd_publish)
 
     subscribe = commands.add_parser(
@@ -166,7 +172,7 @@ def add_commands(commands: Any) -> None:
         "--via",
         choices=list(TRANSPORTS),
         default="sse",
-        help="transport (default: sse; ws is WebSocket)",
+        help="transport (default: sse; ws is WebSocket, grpc the gRPC API)",
     )
     subscribe.add_argument("--since", metavar="CURSOR", help="start after this event id")
     subscribe.add_argument(
@@ -187,4 +193,7 @@ def add_commands(commands: Any) -> None:
         help="--via longpoll: how long the server holds each poll (default: 30)",
     )
     subscribe.add_argument("--url", default=default_url, help=url_help)
+    subscribe.add_argument(
+        "--grpc-target", metavar="HOST:PORT", default=default_grpc, help=grpc_help
+    )
     subscribe.set_defaults(handler=cmd_subscribe)

@@ -1,4 +1,4 @@
-"""``Client``: publish over HTTP or WebSocket, subscribe over any transport, resuming by itself."""
+"""``Client``: publish over HTTP, WebSocket or gRPC, subscribe over any transport, resuming."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ from .subscription import Subscription
 from .transport import SubscribeOptions, Via, transport_factory
 
 if TYPE_CHECKING:
+    from .grpc import GrpcEndpoint
     from .ws import WebSocketPublisher
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_GRPC_PORT = 50051  # grpc.port's default (docs/grpc.md)
 
-PublishVia = Literal["http", "ws"]
+PublishVia = Literal["http", "ws", "grpc"]
+BatchVia = Literal["http", "grpc"]
 
 
 class BatchEvent(TypedDict):
@@ -52,6 +55,14 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def default_grpc_target(url: str) -> str:
+    """The gRPC address of the server at ``url`` when not given: its host, port 50051."""
+    host = urlsplit(url).hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    return f"{host}:{DEFAULT_GRPC_PORT}"
+
+
 def _segment(segment: str) -> str:
     if segment in (".", ".."):
         return segment.replace(".", "%2E")  # else URL normalisation would remove the segment
@@ -76,8 +87,15 @@ class Client:
     and the wait for a WebSocket publish's acknowledgement; ``idle_timeout`` is how long an SSE
     stream may stay silent, without even a ping, before it is reconnected (a WebSocket pings
     the server every ``idle_timeout / 2`` and gives up when no pong comes within as long).
-    ``headers`` go with every request and WebSocket handshake (e.g. ``Authorization``).
-    ``transport`` is an httpx transport, for tests and custom networking (HTTP only).
+    ``headers`` go with every request and WebSocket handshake (e.g. ``Authorization``), and
+    as metadata with every gRPC call. ``transport`` is an httpx transport, for tests and
+    custom networking (HTTP only).
+
+    ``grpc_target`` is the server's gRPC address, ``"host:port"`` (default: the host of
+    ``url``, port 50051), used by ``via="grpc"``. The client opens one gRPC channel, at the
+    first such call, with TLS when ``url`` is ``https``; on it a subscription's stream is
+    kept alive by pings every ``idle_timeout / 2`` (at least 10 s apart), and a publish's
+    deadline is ``timeout``.
     """
 
     def __init__(
@@ -88,8 +106,10 @@ class Client:
         idle_timeout: float = 45.0,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        grpc_target: str | None = None,
     ) -> None:
         self.url = check_url(url)
+        self.grpc_target = grpc_target or default_grpc_target(self.url)
         self.timeout = timeout
         self.idle_timeout = idle_timeout
         self._http = httpx.AsyncClient(
@@ -97,6 +117,7 @@ class Client:
         )
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._publisher: WebSocketPublisher | None = None  # opened by the first publish via ws
+        self._grpc: GrpcEndpoint | None = None  # opened by the first call via grpc
 
     async def __aenter__(self) -> Self:
         return self
@@ -115,6 +136,8 @@ class Client:
             await subscription.aclose()
         if self._publisher is not None:
             await self._publisher.aclose()
+        if self._grpc is not None:
+            await self._grpc.aclose()
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -134,7 +157,7 @@ class Client:
         type: str | None = None,
         content_type: str | None = None,
         idempotency_key: str | None = None,
-        via: Literal["http"] = "http",
+        via: Literal["http", "grpc"] = "http",
     ) -> dict[str, Any]: ...
 
     @overload
@@ -180,14 +203,27 @@ class Client:
         publishing again after the latter is safe with an ``idempotency_key``.
 
         ``via="http"`` (the default) sends one request and returns the event's CloudEvents
-        envelope. ``via="ws"`` sends a ``publish`` message on this client's one WebSocket
+        envelope. ``via="grpc"`` makes one ``Publish`` call on this client's gRPC channel and
+        returns the same envelope, built from the stored event the server answers with.
+        ``via="ws"`` sends a ``publish`` message on this client's one WebSocket
         (opened by the first such publish, reopened after a drop, shared by concurrent
         publishes) and returns the acknowledgement, ``{"id": cursor, "replayed": bool}``
         (``Published``): the server acknowledges with no more than that. ``["id"]`` is the
         cursor either way. A publish waiting when the WebSocket drops raises
         ``ServerUnavailable``; a refusal's ``RequestRejected`` has ``status`` None over
-        WebSocket (``code`` is the same as on HTTP).
+        WebSocket and gRPC (``code`` is the same as on HTTP).
         """
+        if via == "grpc":
+            from .grpc import envelope, publish_request
+
+            request = publish_request(
+                channel,
+                data,
+                type=type,
+                content_type=content_type,
+                idempotency_key=idempotency_key,
+            )
+            return envelope((await self._grpc_endpoint().publish(request)).event)
         if via == "ws":
             cursor, replayed = await self._websocket_publisher().publish(
                 channel,
@@ -198,7 +234,7 @@ class Client:
             )
             return Published(id=cursor, replayed=replayed)
         if via != "http":
-            raise ValueError(f"via must be 'http' or 'ws', not {via!r}")
+            raise ValueError(f"via must be 'http', 'ws' or 'grpc', not {via!r}")
         body, declared = encode_data(data, content_type)
         headers = {}
         if declared is not None:
@@ -221,12 +257,46 @@ class Client:
             self._publisher = WebSocketPublisher(endpoint)
         return self._publisher
 
-    async def publish_batch(self, events: Iterable[BatchEvent]) -> list[dict[str, Any]]:
+    def _grpc_endpoint(self) -> GrpcEndpoint:
+        if self._grpc is None:
+            from .grpc import GrpcEndpoint, call_metadata  # only for those who use gRPC
+
+            self._grpc = GrpcEndpoint(
+                self.grpc_target,
+                call_metadata(self._http.headers),
+                tls=self.url.startswith("https:"),
+                timeout=self.timeout,
+                idle_timeout=self.idle_timeout,
+            )
+        return self._grpc
+
+    async def publish_batch(
+        self, events: Iterable[BatchEvent], *, via: BatchVia = "http"
+    ) -> list[dict[str, Any]]:
         """Publish events atomically, in order; returns their envelopes in the same order.
 
         Each event's data is sent as ``publish`` sends it, except that ``bytes`` without a
-        ``content_type`` are ``application/octet-stream``.
+        ``content_type`` are ``application/octet-stream``. ``via="grpc"`` makes one
+        ``PublishBatch`` call on the client's gRPC channel instead of ``POST /publish``.
         """
+        if via == "grpc":
+            from .grpc import envelope, publish_request
+
+            requests = [
+                publish_request(
+                    e["channel"],
+                    e["data"],
+                    type=e.get("type"),
+                    content_type=e.get("content_type"),
+                    idempotency_key=e.get("idempotency_key"),
+                    batch=True,
+                )
+                for e in events
+            ]
+            answer = await self._grpc_endpoint().publish_batch(requests)
+            return [envelope(event) for event in answer.events]
+        if via != "http":
+            raise ValueError(f"via must be 'http' or 'grpc', not {via!r}")
         items = [
             batch_item(
                 e["channel"],
@@ -258,9 +328,10 @@ class Client:
         Returns a ``Subscription``: an async iterator of ``ReceivedEvent`` and
         ``ContinuityLost`` items that reconnects and resumes by itself (see its docstring).
         ``via`` picks the transport: ``"sse"`` (one long-lived stream), ``"ws"`` (one WebSocket;
-        binary data arrives raw, not base64), ``"longpoll"`` (requests the server holds up to
-        ``wait`` seconds) or ``"poll"`` (a request every ``poll_interval`` seconds once caught
-        up). ``limit`` caps events per polling answer.
+        binary data arrives raw, not base64), ``"grpc"`` (one ``Subscribe`` call on the client's
+        gRPC channel; ``data`` is the bytes as published), ``"longpoll"`` (requests the
+        server holds up to ``wait`` seconds) or ``"poll"`` (a request every ``poll_interval``
+        seconds once caught up). ``limit`` caps events per polling answer.
         """
         if isinstance(patterns, str):
             patterns = (patterns,)
@@ -271,6 +342,7 @@ class Client:
             poll_interval=poll_interval,
             wait=wait,
             limit=limit,
+            grpc=self._grpc_endpoint,
         )
         transport = transport_factory(via)(self._http, options)
         subscription = Subscription(transport, since)

@@ -10,10 +10,10 @@ A transport turns one connection into a stream of ``Position`` and ``ReceivedEve
   or ``ServerUnavailable`` when the connection fails: in all these cases the subscription
   reconnects. ``RequestRejected`` and ``ProtocolError`` end the subscription.
 - It keeps no state across ``stream`` calls: the subscription owns the cursor and the backoff.
-- A transport whose connection is not the Client's httpx client's (WebSocket) also has
-  ``aclose()``, which closes the open connection from any task: ``stream`` then returns. The
-  subscription calls it when closed while another task waits in ``stream``; closing the httpx
-  client does that for the others.
+- A transport whose connection is not the Client's httpx client's (WebSocket, gRPC) also has
+  ``aclose()``, which closes the open connection (or call) from any task: ``stream`` then
+  returns. The subscription calls it when closed while another task waits in ``stream``;
+  closing the httpx client does that for the others.
 
 Transports are registered by name as import strings, so one that needs an optional package
 (WebSocket, gRPC) is imported only when chosen.
@@ -23,14 +23,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import httpx
 
 from ..loading import load
 from .model import Position, ReceivedEvent
 
-Via = Literal["sse", "longpoll", "poll", "ws"]
+if TYPE_CHECKING:
+    from .grpc import GrpcEndpoint
+
+Via = Literal["sse", "longpoll", "poll", "ws", "grpc"]
 Item = Position | ReceivedEvent
 
 
@@ -43,6 +46,8 @@ class SubscribeOptions:
     poll_interval: float = 1.0  # short polling: pause between polls once caught up
     wait: float = 30.0  # long polling: how long the server holds a request
     limit: int | None = None  # events per page (polling); None: the server's default
+    # The Client's gRPC channel, opened when first called (only the gRPC transport calls it).
+    grpc: Callable[[], GrpcEndpoint] | None = None
 
 
 class Transport(Protocol):
@@ -61,6 +66,7 @@ TRANSPORTS = {
     "longpoll": "tidings.client.polling:LongPollTransport",
     "poll": "tidings.client.polling:PollTransport",
     "ws": "tidings.client.ws:WebSocketTransport",
+    "grpc": "tidings.client.grpc:GrpcTransport",
 }
 
 
