@@ -426,3 +426,10 @@ def test_a_public_grpc_address_without_auth_is_refused(tmp_path: Any) -> None:
     settings = make_settings(tmp_path, grpc_host="0.0.0.0")
     with pytest.raises(ConfigError, match=r"refusing to serve 0\.0\.0\.0 without authentication"):
         asyncio.run(Tidings(settings).run())
+
+
+def test_a_grpc_port_in_use_is_a_config_error(server: RunningServer, tmp_path: Any) -> None:
+    # SO_REUSEPORT is off: a second node must not share the port (and half the calls) silently.
+    settings = make_settings(tmp_path / "second", grpc_port=server.node.grpc_port)
+    with pytest.raises(ConfigError, match="cannot listen for gRPC"):
+        asyncio.run(Tidings(settings).run())
