@@ -764,3 +764,21 @@ def test_cli_subscribe_via_grpc_prints_live_events(server: RunningServer) -> Non
         second = httpx.post(f"{server.url}/channels/live/b", content=b"\x01").json()
         assert orjson.loads(proc.stdout.readline()) == second
         assert proc.wait(GUARD) == 0
+
+
+def test_cli_publish_via_grpc_uses_tls_when_the_url_is_https(
+    make_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    from test_grpc import self_signed  # the server's TLS tests' certificate for 127.0.0.1
+
+    cert_file, key_file, _ = self_signed(tmp_path)
+    server = make_server(grpc_tls_cert_file=cert_file, grpc_tls_key_file=key_file)
+    # gRPC's own variable: trust this certificate instead of the system's roots.
+    env = environment(GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=cert_file)
+    args = ("publish", "tls", "1", "--via", "grpc", "--grpc-target", target(server))
+    over_tls = tidings(*args, "--url", "https://127.0.0.1:1", env=env)
+    assert over_tls.returncode == 0, over_tls.stderr
+    assert orjson.loads(over_tls.stdout)["channel"] == "tls"
+    plaintext = tidings(*args, "--url", "http://127.0.0.1:1", env=env)
+    assert plaintext.returncode == 1
+    assert plaintext.stderr.startswith(b"tidings: cannot reach")

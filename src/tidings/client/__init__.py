@@ -1,4 +1,4 @@
-"""The tidings Python client: publish, and subscribe over SSE, WebSocket or polling, resuming.
+"""The tidings Python client: publish, and subscribe over SSE, WebSocket, gRPC or polling.
 
 ::
 
@@ -14,7 +14,8 @@
 
 A subscription resumes from its last cursor after any dropped connection or server restart;
 see ``Subscription`` for the rules and ``errors`` for what it raises. ``publish(..., via="ws")``
-publishes over one WebSocket and returns the acknowledgement (``Published``), not the envelope.
+publishes over one WebSocket and returns the acknowledgement (``Published``), not the envelope;
+``publish(..., via="grpc")`` makes a gRPC call and returns the envelope, as HTTP does.
 """
 
 from __future__ import annotations

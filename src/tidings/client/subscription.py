@@ -88,9 +88,10 @@ class Subscription:
         """End the iteration and close the connection.
 
         Called while another task waits in this iterator, it ends that wait only at its next
-        step (the next event, ping or poll answer), except over WebSocket, where it closes the
-        connection and so ends the wait at once; cancel that task to stop it at once. Closing
-        the ``Client`` closes its connections, which ends every such wait at once.
+        step (the next event, ping or poll answer), except over WebSocket and gRPC, where it
+        closes the connection (cancels the call) and so ends the wait at once; cancel that task
+        to stop it at once. Closing the ``Client`` closes its connections, which ends every
+        such wait at once.
         """
         self._closed = True
         self._closing.set()
