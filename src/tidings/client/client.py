@@ -264,7 +264,7 @@ class Client:
             self._grpc = GrpcEndpoint(
                 self.grpc_target,
                 call_metadata(self._http.headers),
-                tls=self.url.startswith("https:"),
+                tls=urlsplit(self.url).scheme == "https",
                 timeout=self.timeout,
                 idle_timeout=self.idle_timeout,
             )
