@@ -433,3 +433,22 @@ def test_a_grpc_port_in_use_is_a_config_error(server: RunningServer, tmp_path: A
     settings = make_settings(tmp_path / "second", grpc_port=server.node.grpc_port)
     with pytest.raises(ConfigError, match="cannot listen for gRPC"):
         asyncio.run(Tidings(settings).run())
+
+
+async def test_a_silent_client_is_dropped_and_its_subscription_freed(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    from test_client_grpc import Proxy
+
+    server = make_server(grpc_keepalive_interval="500ms", grpc_keepalive_timeout="500ms")
+    proxy = Proxy(server.node.grpc_port)  # bytes stop flowing, no connection closes
+    async with proxy as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = pb_grpc.TidingsStub(channel).Subscribe(pb.SubscribeRequest(channels=["q"]))
+        await take(call, 1)
+        assert server.hub.subscriber_count == 1
+        proxy.silent = True
+        deadline = time.monotonic() + TIMEOUT
+        while server.hub.subscriber_count or server.node.context.limits.streams.total:
+            assert time.monotonic() < deadline, "the server held the subscription"
+            await asyncio.sleep(0.1)
+        call.cancel()

@@ -225,6 +225,15 @@ class Service:
         slot = self.ctx.limits.streams.acquire(peer_address(context.peer()))
         try:
             sub = await self.ctx.hub.subscribe(patterns, since, "grpc")
+
+            def finished(_: grpc.aio.ServicerContext[Any, Any]) -> None:
+                # The call ended from outside (client gone, ping timeout, deadline): gRPC may
+                # never resume this generator, so its ``finally`` cannot be relied on.
+                sub.close()
+                slot.release()
+
+            # types-grpcio declares the callback as a class, not a Protocol: no function fits.
+            context.add_done_callback(finished)  # type: ignore[arg-type]
             try:
                 async for message in self._stream(sub):
                     yield message
@@ -358,6 +367,9 @@ class GrpcServer:
                 ("grpc.max_send_message_length", megabytes),
                 ("grpc.keepalive_time_ms", ms),
                 ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+                # grpcio waits this long for a ping's answer (keepalive_timeout_ms alone is
+                # not applied: a silent peer would be dropped only after the 60 s default).
+                ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout * 1000)),
                 ("grpc.keepalive_permit_without_calls", 1),
                 # Clients may ping every 10 s without being told off (GOAWAY).
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
