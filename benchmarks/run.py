@@ -1,6 +1,7 @@
 """Tidings benchmarks: a real server on core 0, a lean asyncio load generator on core 1.
 
-    .venv/bin/python benchmarks/run.py [publish|fanout|latency|ws-fanout|ws-latency|ws|all]
+    .venv/bin/python benchmarks/run.py [publish|fanout|latency|ws-fanout|ws-latency|ws|
+                                        grpc-fanout|grpc-publish|grpc|all]
 
 Workloads (see benchmarks/README.md for what each measures and the targets):
   publish     acknowledged HTTP publishes/s from 50 keep-alive publishers, p50/p99 ack latency
@@ -10,6 +11,10 @@ Workloads (see benchmarks/README.md for what each measures and the targets):
               Node ws broadcast baselines on the same core (wsbench.py)
   ws-latency  publish-to-delivery latency at 5 events/s x 1,000 WebSocket subscribers, same three
   ws          ws-fanout and ws-latency, then one table side by side
+  grpc-fanout gRPC Subscribe deliveries/s to 500 streams over a few HTTP/2 connections, then
+              publish-to-delivery latency at 5 events/s on them (grpcbench.py)
+  grpc-publish acknowledged unary gRPC Publish calls/s from 50 callers, p50/p99 ack latency
+  grpc        grpc-fanout and grpc-publish
 
 Each workload starts its own server (``taskset -c 0 python -m tidings serve``) on a fresh SQLite
 file, waits for /healthz, runs, prints a table, writes benchmarks/results/<workload>.json and stops
@@ -34,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grpcbench import GRPC_WORKLOADS
+from grpcbench import add_options as add_grpc_options
 from loadgen import (
     HTTPConnection,
     SSEStream,
@@ -72,6 +79,8 @@ TARGETS = {
     # A string target names the result key holding it: measured in the same run.
     "ws-fanout": ("deliveries_per_s", ">=", "websockets_deliveries_per_s"),
     "ws-latency": ("p99_ms", "<=", 35.0),
+    "grpc-fanout": ("deliveries_per_s", ">=", 40_000),
+    "grpc-publish": ("publishes_per_s", ">=", 2_500),
 }
 
 
@@ -434,13 +443,35 @@ async def workload_latency(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def workload_grpc_publish(args: argparse.Namespace) -> dict[str, Any]:
+    """``grpc-publish``; with ``--compare-http`` the HTTP ``publish`` workload after it."""
+    result = await GRPC_WORKLOADS["grpc-publish"](args)
+    if args.compare_http:
+        print("  the same over HTTP (publish workload) ...", flush=True)
+        http = await workload_publish(args)
+        result["http"] = {
+            key: http[key]
+            for key in (
+                "publishes_per_s",
+                "p50_ms",
+                "p99_ms",
+                "server_cpu_us_per_publish",
+                "generator_cpu_util",
+                "server_cpu_util",
+            )
+        }
+    return result
+
+
 WORKLOADS = {
     "publish": workload_publish,
     "fanout": workload_fanout,
     "latency": workload_latency,
     **WS_WORKLOADS,
+    "grpc-fanout": GRPC_WORKLOADS["grpc-fanout"],
+    "grpc-publish": workload_grpc_publish,
 }
-ALIASES = {"all": list(WORKLOADS), "ws": list(WS_WORKLOADS)}
+ALIASES = {"all": list(WORKLOADS), "ws": list(WS_WORKLOADS), "grpc": list(GRPC_WORKLOADS)}
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -470,6 +501,12 @@ def report(name: str, result: dict[str, Any]) -> None:
             f"\n== {name} ==  {metric} = {value:,}  (target {op} {target:,}{source}: "
             f"{'met' if met else 'MISSED'})"
         )
+    failures = result.get("failures") or []
+    for failure in failures:
+        print(f"   FAILED: {failure}")
+    met = met and not failures
+    if name.startswith("grpc-"):
+        report_grpc(name, result)
     if "servers" in result:  # a ws workload: the side-by-side table, then tidings in detail
         report_ws(name, result, op)
         result["target"] = {"metric": metric, "op": op, "value": target, "met": met}
@@ -488,6 +525,44 @@ def report(name: str, result: dict[str, Any]) -> None:
         shown = f"{val:,}" if isinstance(val, int | float) and not isinstance(val, bool) else val
         print(f"  {key:<44} {shown}")
     result["target"] = {"metric": metric, "op": op, "value": target, "met": met}
+
+
+def report_grpc(name: str, result: dict[str, Any]) -> None:
+    """The headline numbers of a gRPC workload, before the full list."""
+    if name == "grpc-fanout":
+        ub = result.get("unbatched") or {}
+        print(
+            f"   closed loop: {result['deliveries_per_s']:,}/s at "
+            f"{result['server_cpu_us_per_delivery']} us server CPU per delivery, generator at "
+            f"{result['generator_cpu_util']} of its core; lagged {result['lagged_disconnects']}, "
+            f"missing {result['missing_deliveries']}, streams ended {result['streams_ended']}"
+        )
+        if ub:
+            print(
+                f"   one event in flight: {ub['deliveries_per_s']:,}/s at "
+                f"{ub['server_cpu_us_per_delivery']} us, at most "
+                f"{ub['implied_max_deliveries_per_s']:,}/s with the core 100 % busy"
+            )
+        if result.get("latency_p99_ms") is not None:
+            lat = result["latency"]
+            print(
+                f"   latency at {lat['params']['events_per_s']:g} events/s: p50 "
+                f"{lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms "
+                f"({lat['samples']:,} receipts)"
+            )
+        return
+    rows = [("grpc Publish", result)]
+    if "http" in result:
+        rows.append(("HTTP POST /channels/<c>", result["http"]))
+    print(
+        f"   {'':<24} {'publishes/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'us/publish':>10} "
+        f"{'gen cpu':>7}"
+    )
+    for label, r in rows:
+        print(
+            f"   {label:<24} {r['publishes_per_s']:>11,} {r['p50_ms']:>7} {r['p99_ms']:>7} "
+            f"{r['server_cpu_us_per_publish']:>10} {r['generator_cpu_util']:>7}"
+        )
 
 
 def report_ws(name: str, result: dict[str, Any], op: str) -> None:
@@ -600,6 +675,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--rate", type=float, default=5.0, help="latency: events per second")
     add_ws_options(p)
+    add_grpc_options(p)
     args = p.parse_args(argv)
     check_servers(args.servers)
     return args
