@@ -340,9 +340,9 @@ def test_serve_with_a_log_path_that_cannot_be_opened_exits_2_with_one_line(
 
 
 def test_grpc_tls_needs_both_files_and_a_valid_port() -> None:
-    with pytest.raises(ConfigError, match="tls_cert_file and grpc.tls_key_file go together"):
+    with pytest.raises(ConfigError, match=r"tls_cert_file and grpc\.tls_key_file go together"):
         config.load(None, environ={"TIDINGS_GRPC_TLS_CERT_FILE": "cert.pem"})
-    with pytest.raises(ConfigError, match="grpc.port"):
+    with pytest.raises(ConfigError, match=r"grpc\.port"):
         config.load(None, environ={"TIDINGS_GRPC_PORT": "70000"})
     settings = config.load(None, environ={"TIDINGS_GRPC_ENABLED": "no"})
     assert settings.grpc.enabled is False
