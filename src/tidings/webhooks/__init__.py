@@ -1,0 +1,1 @@
+"""Webhooks: signed, durable, at-least-once delivery to registered endpoints (docs/webhooks.md)."""
