@@ -218,3 +218,31 @@ async def test_event_type_filters(log: MemoryLog) -> None:
         async with delivering(log, endpoint(receiver.url, types=("paid",))) as run:
             await until(lambda: run.worker.cursor == wanted[0].seq)
     assert [r.headers["webhook-id"] for r in receiver.requests] == [wanted[0].cursor]
+
+
+async def test_an_endpoint_the_ssrf_policy_refuses_is_a_failed_attempt(log: MemoryLog) -> None:
+    from tidings.webhooks.delivery import EndpointWorker, HttpSender
+    from tidings.webhooks.ssrf import AddressPolicy, safe_client
+
+    async with receiving(Receiver()) as receiver:
+        [event] = await publish(log, "orders/1", 1)
+        failed: list[str] = []
+        attempts: list[Attempt] = []
+        async with safe_client(AddressPolicy(allow_http=True), 5) as client:
+            worker = EndpointWorker(
+                endpoint(receiver.url),
+                log,
+                HttpSender(client),
+                schedule=Schedule((0,), jitter=0),
+                disable_after=3600,
+                on_attempt=attempts.append,
+                on_failed=lambda _e, ev: failed.append(ev.cursor),
+            )
+            task = asyncio.create_task(worker.run(start=0))
+            await until(lambda: worker.cursor == event.seq)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert receiver.requests == []  # nothing reached the loopback receiver
+    assert failed == [event.cursor]
+    assert attempts[0].error is not None and "loopback" in attempts[0].error

@@ -27,6 +27,7 @@ from typing import Protocol
 import httpx
 
 from ..events import Event, Pattern, parse_patterns
+from ..exceptions import TidingsError
 from ..log import Log
 from .policy import Health, HealthState, Outcome, Schedule, Verdict, judge
 from .signing import parse_secret, webhook_headers
@@ -262,3 +263,5 @@ class HttpSender:
             return Response(None, "timeout")
         except httpx.HTTPError as exc:
             return Response(None, f"{type(exc).__name__}: {exc}"[:300])
+        except TidingsError as exc:  # ssrf.BlockedAddress, InvalidEndpoint: a failed attempt
+            return Response(None, f"{exc.code}: {exc.detail}"[:300])
