@@ -17,6 +17,7 @@ from tidings.log.memory import MemoryLog
 from tidings.webhooks.delivery import Attempt, Endpoint, EndpointWorker, HttpSender
 from tidings.webhooks.policy import Health, HealthState, Schedule
 from tidings.webhooks.signing import generate_secret, parse_secret, sign
+from tidings.webhooks.ssrf import AddressPolicy, safe_client
 
 FAST = Schedule((0, 0.01, 0.01, 0.01), jitter=0)
 TIMEOUT = 10
@@ -221,9 +222,6 @@ async def test_event_type_filters(log: MemoryLog) -> None:
 
 
 async def test_an_endpoint_the_ssrf_policy_refuses_is_a_failed_attempt(log: MemoryLog) -> None:
-    from tidings.webhooks.delivery import EndpointWorker, HttpSender
-    from tidings.webhooks.ssrf import AddressPolicy, safe_client
-
     async with receiving(Receiver()) as receiver:
         [event] = await publish(log, "orders/1", 1)
         failed: list[str] = []
