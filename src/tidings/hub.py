@@ -39,6 +39,18 @@ class Start:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of history: its events, the cursor after them, whether ``since`` was continued
+    (and why not), and whether more events follow at once."""
+
+    events: list[Event]
+    cursor: str
+    recovered: bool
+    reason: str | None
+    more: bool
+
+
 class Subscription:
     """One subscriber's view of the hub: its patterns, position and bounded buffer.
 
@@ -338,6 +350,19 @@ class Hub:
             raise
         sub.start(start)
         return sub
+
+    async def history(
+        self, patterns: tuple[Pattern, ...], since: Cursor | None, limit: int, transport: str
+    ) -> Page:
+        """One page of stored events after ``since`` (default: the oldest retained)."""
+        if since is None:
+            since = Cursor(self.log.epoch, await self.log.low())
+        sub = await self.subscribe(patterns, since, transport)
+        try:
+            events = await sub.poll_batch(limit)
+            return Page(events, sub.cursor, sub.recovered, sub.reason, sub.more)
+        finally:
+            sub.close()
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._remove(sub, "closed")

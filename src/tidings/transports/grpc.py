@@ -197,22 +197,14 @@ class Service:
                 f"limit must be at most {http.max_limit} (http.max_limit), not {request.limit}"
             )
         limit = request.limit or http.default_limit
-        hub = self.ctx.hub
         since = Cursor.parse(request.since) if request.since else None
-        if since is None:
-            since = Cursor(hub.log.epoch, await hub.log.low())
-        sub = await hub.subscribe(patterns, since, "grpc")
-        try:
-            events = await sub.poll_batch(limit)
-            more = sub.more
-        finally:
-            sub.close()
+        page = await self.ctx.hub.history(patterns, since, limit, "grpc")
         return pb.HistoryResponse(
-            events=[_event_message(e) for e in events],
-            cursor=sub.cursor,
-            recovered=sub.recovered,
-            reason=sub.reason or "",
-            more=more,
+            events=[_event_message(e) for e in page.events],
+            cursor=page.cursor,
+            recovered=page.recovered,
+            reason=page.reason or "",
+            more=page.more,
         )
 
     async def subscribe(

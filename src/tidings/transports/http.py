@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..auth import Unauthorized
-from ..events import Cursor, Draft, Event, Pattern, is_json_type, make_draft
+from ..events import Draft, Pattern, is_json_type, make_draft
 from ..exceptions import BadRequest, InvalidEvent, PayloadTooLarge, TidingsError, TooManyRequests
-from ..hub import Subscription
+from ..hub import Page
 from . import Query, admit, authenticate, context, resume_cursor
 
 JSON = "application/json"
@@ -193,12 +193,14 @@ async def publish_batch(request: Request) -> Response:
     return json_response(body, 201)
 
 
-def page_body(events: list[Event], sub: Subscription, more: bool) -> bytes:
+def page_body(page: Page) -> bytes:
     """The JSON page shared by history and polling; event envelopes are spliced in pre-encoded."""
-    tail: dict[str, object] = {"cursor": sub.cursor, "recovered": sub.recovered, "more": more}
-    if sub.reason:
-        tail["reason"] = sub.reason
-    return b'{"events":[' + b",".join(e.json() for e in events) + b"]," + orjson.dumps(tail)[1:]
+    tail: dict[str, object] = {"cursor": page.cursor, "recovered": page.recovered}
+    tail["more"] = page.more
+    if page.reason:
+        tail["reason"] = page.reason
+    events = b",".join(e.json() for e in page.events)
+    return b'{"events":[' + events + b"]," + orjson.dumps(tail)[1:]
 
 
 async def history(request: Request) -> Response:
@@ -211,16 +213,9 @@ async def history(request: Request) -> Response:
     limits = ctx.settings.http
     limit = query.integer("limit", limits.default_limit, 1, limits.max_limit)
     since = resume_cursor(query, None)
-    hub = ctx.hub
-    if since is None:
-        since = Cursor(hub.log.epoch, await hub.log.low())
-    sub = await hub.subscribe(patterns, since, "http")
-    try:
-        events = await sub.poll_batch(limit)
-        more = sub.more
-    finally:
-        sub.close()
-    return json_response(page_body(events, sub, more), headers={"Cache-Control": "no-store"})
+    page = await ctx.hub.history(patterns, since, limit, "http")
+    body = page_body(page)
+    return json_response(body, headers={"Cache-Control": "no-store"})
 
 
 async def healthz(request: Request) -> Response:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..events import Cursor, Event
-from ..hub import Subscription
+from ..hub import Page, Subscription
 from . import Query, admit, context
 from .http import json_response, page_body
 
@@ -90,4 +90,5 @@ async def poll(request: Request) -> Response:
     headers = {"ETag": f'"{sub.cursor}"', "Cache-Control": "no-cache"}
     if validator is not None and not events and sub.recovered:
         return Response(status_code=304, headers=headers)
-    return json_response(page_body(events, sub, more), headers=headers)
+    page = Page(events, sub.cursor, sub.recovered, sub.reason, more)
+    return json_response(page_body(page), headers=headers)
