@@ -52,6 +52,7 @@ from target import (
     free_port,
     idle_memory,
     lagged_total,
+    paced,
     percentile,
     receipt_summary,
     running_server,
@@ -297,29 +298,13 @@ async def latency_phase(
     """``--rate`` timestamped single-event publishes/s; latency taken at receipt."""
     duration = args.grpc_latency_duration
     acks: list[int] = []
-    loop = asyncio.get_running_loop()
-    interval = 1.0 / args.rate
-
-    async def publish_for(seconds: float, record: bool) -> int:
-        count, nxt = 0, loop.time()
-        end = nxt + seconds
-        while nxt < end:
-            t0 = time.time_ns()
-            await feed.send_timed(t0)
-            if record:
-                acks.append(time.time_ns() - t0)
-            count += 1
-            nxt += interval
-            await asyncio.sleep(max(0.0, nxt - loop.time()))
-        return count
-
-    await publish_for(min(args.warmup, 2.0), False)
+    await paced(feed.send_timed, args.rate, min(args.warmup, 2.0))
     await asyncio.sleep(0.5)
     m0 = await server.metrics()
     for s in streams:
         s.recording = True
     with Window(server) as window:
-        published = await publish_for(duration, True)
+        published = await paced(feed.send_timed, args.rate, duration, acks)
         await asyncio.sleep(1.0)  # let the last events arrive
     for s in streams:
         s.recording = False

@@ -61,6 +61,7 @@ from target import (
     drain,
     idle_memory,
     lagged_total,
+    paced,
     percentile,
     raise_nofile,
     receipt_summary,
@@ -384,32 +385,20 @@ async def workload_latency(args: argparse.Namespace) -> dict[str, Any]:
         )
         conn = await HTTPConnection.open(server.port)
         acks: list[int] = []
-        loop = asyncio.get_running_loop()
-        interval = 1.0 / args.rate
 
-        async def publish_for(seconds: float, record: bool) -> int:
-            n, nxt = 0, loop.time()
-            end = nxt + seconds
-            while nxt < end:
-                t0 = time.time_ns()
-                raw = request("POST", "/channels/bench/latency", payload_bytes(args.size, t0))
-                status, body = await conn.send(raw)
-                if status != 201:
-                    raise RuntimeError(f"publish answered {status}: {body[:200]!r}")
-                if record:
-                    acks.append(time.time_ns() - t0)
-                n += 1
-                nxt += interval
-                await asyncio.sleep(max(0.0, nxt - loop.time()))
-            return n
+        async def publish(t0: int) -> None:
+            raw = request("POST", "/channels/bench/latency", payload_bytes(args.size, t0))
+            status, body = await conn.send(raw)
+            if status != 201:
+                raise RuntimeError(f"publish answered {status}: {body[:200]!r}")
 
-        await publish_for(args.warmup, False)
+        await paced(publish, args.rate, args.warmup)
         await asyncio.sleep(0.5)
         m0 = await server.metrics()
         for s in streams:
             s.recording = True
         with Window(server) as window:
-            published = await publish_for(duration, True)
+            published = await paced(publish, args.rate, duration, acks)
             await asyncio.sleep(1.0)  # let the last events arrive
         for s in streams:
             s.recording = False

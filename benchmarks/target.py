@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +401,26 @@ async def idle_memory(
         "kb_per_idle_connection": round((rss1 - rss0) / n, 2),
         "health_subscribers": counted,
     }
+
+
+async def paced(
+    send: Callable[[int], Awaitable[object]],
+    rate: float,
+    seconds: float,
+    acks: list[int] | None = None,
+) -> int:
+    """Call ``send(t0_ns)`` ``rate`` times a second for ``seconds``, each awaited (acknowledged)
+    before the next; ack latencies in ns go to ``acks`` when given. Returns how many were sent."""
+    loop = asyncio.get_running_loop()
+    interval = 1.0 / rate
+    count, nxt = 0, loop.time()
+    end = nxt + seconds
+    while nxt < end:
+        t0 = time.time_ns()
+        await send(t0)
+        if acks is not None:
+            acks.append(time.time_ns() - t0)
+        count += 1
+        nxt += interval
+        await asyncio.sleep(max(0.0, nxt - loop.time()))
+    return count

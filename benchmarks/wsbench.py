@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from target import (
     drain,
     idle_memory,
     lagged_total,
+    paced,
     percentile,
     receipt_summary,
     running_server,
@@ -443,30 +443,14 @@ async def latency_one(rig: Rig) -> dict[str, Any]:
         )
         (feed,) = await rig.feeds(server.port, 1, LATENCY_CHANNEL)
         acks: list[int] = []
-        loop = asyncio.get_running_loop()
-        interval = 1.0 / args.rate
-
-        async def publish_for(seconds: float, record: bool) -> int:
-            count, nxt = 0, loop.time()
-            end = nxt + seconds
-            while nxt < end:
-                t0 = time.time_ns()
-                await feed.send_timed(t0)
-                if record:
-                    acks.append(time.time_ns() - t0)
-                count += 1
-                nxt += interval
-                await asyncio.sleep(max(0.0, nxt - loop.time()))
-            return count
-
-        await publish_for(args.warmup, False)
+        await paced(feed.send_timed, args.rate, args.warmup)
         await asyncio.sleep(0.5)
         m0 = await server.metrics()
         for s in streams:
             assert isinstance(s, TimedWSStream)
             s.recording = True
         with Window(server) as window:
-            published = await publish_for(duration, True)
+            published = await paced(feed.send_timed, args.rate, duration, acks)
             await asyncio.sleep(1.0)  # let the last events arrive
         for s in streams:
             assert isinstance(s, TimedWSStream)
