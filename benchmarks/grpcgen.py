@@ -36,6 +36,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from loadgen import Progress
+
 HOST = "127.0.0.1"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types (RFC 9113 §6) this client meets.
@@ -375,7 +377,7 @@ class Call:
         return f"{name} {self.error.decode(errors='replace')}".strip()
 
 
-class SubscribeStream(Call):
+class SubscribeStream(Progress, Call):
     """One server-streaming call whose messages are counted by their length prefixes."""
 
     def __init__(self, receipts: list[tuple[int, int]] | None = None) -> None:
@@ -447,24 +449,6 @@ class SubscribeStream(Call):
     @property
     def lagged(self) -> bool:
         return self.error == b"lagged"
-
-    def reached(self, n: int) -> asyncio.Future[None] | None:
-        """A future that resolves once ``count >= n`` (or the call ends); None if it has."""
-        if self.count >= n or self.closed:
-            return None
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
-        return fut
-
-    def wake(self, upto: int | None = None) -> None:
-        keep = []
-        for n, fut in self._waiters:
-            if upto is None or n <= upto:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                keep.append((n, fut))
-        self._waiters = keep
 
     def set_lowat(self, nbytes: int) -> None:
         """The low-water mark of this stream's connection (shared by its other streams)."""
@@ -826,7 +810,7 @@ def aio_channel(port: int) -> Any:
     )
 
 
-class AioSubscribeStream:
+class AioSubscribeStream(Progress):
     """A Subscribe call read with grpc.aio (raw bytes, no protobuf parsing), counted the same."""
 
     def __init__(self, channel: Any, request: bytes, receipts: list[tuple[int, int]] | None):
@@ -879,8 +863,6 @@ class AioSubscribeStream:
                 self.opened.set_exception(ConnectionError(f"stream ended: {self.outcome()}"))
 
     outcome = Call.outcome
-    reached = SubscribeStream.reached
-    wake = SubscribeStream.wake
 
     def set_lowat(self, nbytes: int) -> None:
         """grpc.aio owns the sockets: no low-water mark."""

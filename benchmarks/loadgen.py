@@ -291,7 +291,39 @@ def ws_frame(payload: bytes, opcode: int = WS_TEXT) -> bytes:
     return head + key + masked
 
 
-class WSStream(asyncio.Protocol):
+class Progress:
+    """``reached(n)`` futures for a stream that counts what it receives (``count``, ``closed``).
+
+    Lets a closed-loop publisher sleep until the slowest subscriber catches up, instead of
+    polling (uvloop's timers have 1 ms resolution: a shorter sleep spins). The stream calls
+    ``wake(count)`` as messages arrive and ``wake()`` when it closes.
+    """
+
+    count: int
+    closed: bool
+    _waiters: list[tuple[int, asyncio.Future[None]]]
+
+    def reached(self, n: int) -> asyncio.Future[None] | None:
+        """A future that resolves once ``count >= n`` (or the stream closes); None if it has."""
+        if self.count >= n or self.closed:
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        return fut
+
+    def wake(self, upto: int | None = None) -> None:
+        """Resolve the ``reached`` futures up to ``upto`` (all of them without it)."""
+        keep = []
+        for n, fut in self._waiters:
+            if upto is None or n <= upto:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((n, fut))
+        self._waiters = keep
+
+
+class WSStream(Progress, asyncio.Protocol):
     """One WebSocket connection that counts the server's messages without decoding them.
 
     After the 101 it writes ``first`` (pre-built masked frames, e.g. a tidings ``subscribe``).
@@ -338,29 +370,6 @@ class WSStream(asyncio.Protocol):
             self.opened.set_exception(
                 exc or ConnectionError(f"closed before the stream opened {reason}".strip())
             )
-
-    def reached(self, n: int) -> asyncio.Future[None] | None:
-        """A future that resolves once ``count >= n`` (or the stream closes); None if it has.
-
-        Lets a closed-loop publisher sleep until the slowest subscriber catches up, instead of
-        polling (uvloop's timers have 1 ms resolution: a shorter sleep spins).
-        """
-        if self.count >= n or self.closed:
-            return None
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
-        return fut
-
-    def wake(self, upto: int | None = None) -> None:
-        """Resolve the ``reached`` futures up to ``upto`` (all of them without it)."""
-        keep = []
-        for n, fut in self._waiters:
-            if upto is None or n <= upto:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                keep.append((n, fut))
-        self._waiters = keep
 
     def _fail(self, why: str) -> None:
         if not self.opened.done():
