@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -153,16 +154,21 @@ def credential(connection: HTTPConnection, query: Query | None, cookie: str) -> 
     return token
 
 
-def admit(request: Request, action: Action, query: Query | None = None) -> tuple[Grant, str]:
-    """The gate of every publish and subscribe: the client address's rate limit (before any
-    work, so refused floods stay cheap), then authentication, then the credential's rate limit.
-    Returns the grant and the client address."""
-    ctx = context(request)
-    limits = ctx.limits
-    address = limits.address(request.scope)
+def gate(ctx: Context, action: Action, address: str, token: Callable[[], str | None]) -> Grant:
+    """The gate of every publish and subscribe, on every transport: the client address's rate
+    limit (before any work, so refused floods stay cheap), then the credential ``token()``
+    reads, then its rate limit. Returns the grant; raises the TidingsError that refuses."""
     now = time.monotonic()
-    limits.check_address(action, address, now)
-    grant = authenticate(request, query)
+    ctx.limits.check_address(action, address, now)
+    grant = ctx.auth.authenticate(token())
     if ctx.auth.enabled:  # with auth off every client is "anonymous": one shared key is no limit
-        limits.check_credential(action, grant.subject, now)
-    return grant, address
+        ctx.limits.check_credential(action, grant.subject, now)
+    return grant
+
+
+def admit(request: Request, action: Action, query: Query | None = None) -> tuple[Grant, str]:
+    """``gate`` for an HTTP request; returns the grant and the client address."""
+    ctx = context(request)
+    address = ctx.limits.address(request.scope)
+    cookie = ctx.settings.auth.cookie
+    return gate(ctx, action, address, lambda: credential(request, query, cookie)), address

@@ -18,7 +18,6 @@ Rules:
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -43,7 +42,7 @@ from ..exceptions import (
 from ..hub import Subscription
 from ..limits import Action, client_key
 from ..v1 import tidings_pb2 as pb
-from . import Context, bearer
+from . import Context, bearer, gate
 
 log = logging.getLogger("tidings.grpc")
 
@@ -118,20 +117,15 @@ class Service:
     # -- the gate ------------------------------------------------------------------------------
 
     def admit(self, context: grpc.aio.ServicerContext[Any, Any], action: Action) -> Grant:
-        """Rate limit by address, then the credential, then its rate limit (as ``admit`` on
-        HTTP). Raises the TidingsError that refuses the call."""
-        ctx = self.ctx
-        now = time.monotonic()
-        address = peer_address(context.peer())
-        ctx.limits.check_address(action, address, now)
-        token = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                token = bearer(value if isinstance(value, str) else value.decode("latin-1"))
-        grant = ctx.auth.authenticate(token)
-        if ctx.auth.enabled:
-            ctx.limits.check_credential(action, grant.subject, now)
-        return grant
+        """``gate`` for a call: the peer's address, the ``authorization`` metadata."""
+
+        def token() -> str | None:
+            for key, value in context.invocation_metadata() or ():
+                if key == "authorization":
+                    return bearer(value if isinstance(value, str) else value.decode("latin-1"))
+            return None
+
+        return gate(self.ctx, action, peer_address(context.peer()), token)
 
     def _draft(self, request: pb.PublishRequest, where: str) -> Draft:
         limit = self.ctx.settings.http.max_event_bytes
