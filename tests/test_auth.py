@@ -819,3 +819,11 @@ def test_forbidden_names_the_pattern_and_the_subject() -> None:
         info.value.detail
         == "token for 'alice' may not publish to 'news/sport' (granted: news/local)"
     )
+
+
+def test_nobody_publishes_to_the_servers_own_channels() -> None:
+    from tidings.auth.grants import ANONYMOUS
+
+    with pytest.raises(Forbidden, match=r"channel '_tidings/webhooks/x' is reserved"):
+        ANONYMOUS.check_publish("_tidings/webhooks/x")
+    ANONYMOUS.check_publish("tidings/webhooks/x")

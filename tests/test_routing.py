@@ -302,3 +302,27 @@ def test_churn_of_many_subscribers_leaves_the_trie_empty() -> None:
     assert len(router) == 0
     assert router._root.empty()
     assert list(router.match("t/3/x3")) == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "channel", "expected"),
+    [
+        ("**", "_tidings/webhooks/ep1", False),  # the server's own channels: never by accident
+        ("*/webhooks/*", "_tidings/webhooks/ep1", False),
+        ("*", "_tidings", False),
+        ("_tidings/**", "_tidings/webhooks/ep1", True),
+        ("_tidings/webhooks/*", "_tidings/webhooks/ep1", True),
+        ("_tidings", "_tidings", True),
+        ("_tidings/**", "_tidings", False),
+        ("**", "tidings/webhooks", True),  # only the exact first segment is reserved
+        ("**", "x/_tidings", True),
+    ],
+)
+def test_system_channels_match_only_patterns_that_name_them(
+    pattern: str, channel: str, expected: bool
+) -> None:
+    parsed = Pattern.parse(pattern)
+    assert parsed.matches(channel) is expected
+    router: Router[str] = Router()
+    router.add(parsed, "s")
+    assert (list(router.match(channel)) == ["s"]) is expected

@@ -5,6 +5,9 @@ Rules:
   or ``..`` segment, at most ``MAX_CHANNEL_LENGTH`` characters and ``MAX_SEGMENTS`` segments.
 - A pattern is a channel whose segments may also be ``*`` (exactly one segment) or, as the
   last segment only, ``**`` (one or more segments).
+- Channels under ``_tidings/`` are the server's own (operational events, e.g. webhook health):
+  only the server publishes there, and only a pattern that names ``_tidings`` as its first
+  segment matches them, so ``**`` or ``*/x`` never pick them up by accident (MQTT's ``$SYS``).
 - A cursor is ``epoch:sequence``. It is opaque to clients; the same string on every transport.
 - An event's wire forms are encoded once and cached on the event (:meth:`Event.wire`), so every
   subscriber of one form shares the same bytes.
@@ -29,6 +32,7 @@ MAX_TYPE_LENGTH = 128
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 DEFAULT_TYPE = "message"
 RESERVED_TYPE_PREFIX = "tidings."  # control events (SSE tidings.subscribed, tidings.lagged)
+SYSTEM = "_tidings"  # the first segment of the server's own channels
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_.:-]+")
 _TYPE = re.compile(r"[A-Za-z0-9_.:/-]+")
@@ -113,6 +117,8 @@ class Pattern:
     def matches(self, channel: str) -> bool:
         parts = channel.split("/")
         segments = self.segments
+        if parts[0] == SYSTEM and segments[0] != SYSTEM:
+            return False
         if segments[-1] == "**":
             fixed = len(segments) - 1
             if len(parts) <= fixed:
@@ -136,6 +142,11 @@ def parse_patterns(texts: Iterable[str]) -> tuple[Pattern, ...]:
     if not patterns:
         raise InvalidPattern("at least one channel or pattern is required")
     return patterns
+
+
+def is_system(channel: str) -> bool:
+    """Whether ``channel`` is one of the server's own (``_tidings/...``)."""
+    return channel == SYSTEM or channel.startswith(SYSTEM + "/")
 
 
 def matches_any(patterns: tuple[Pattern, ...], channel: str) -> bool:

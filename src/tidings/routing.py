@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
-from .events import Pattern
+from .events import SYSTEM, Pattern
 
 S = TypeVar("S", bound=Hashable)
 
@@ -86,8 +86,15 @@ class Router(Generic[S]):
     def match(self, channel: str) -> Iterable[S]:
         """Subscribers with a pattern matching ``channel``, each once."""
         segments = channel.split("/")
-        nodes = [self._root]
         groups: list[dict[S, None]] = []
+        root = self._root
+        if segments[0] == SYSTEM:  # only patterns naming "_tidings" match (events.SYSTEM)
+            child = root.children.get(SYSTEM)
+            if child is None:
+                return ()
+            nodes, segments = [child], segments[1:]
+        else:
+            nodes = [root]
         for segment in segments:
             following: list[_Node[S]] = []
             for node in nodes:

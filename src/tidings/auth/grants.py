@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..events import Pattern
+from ..events import SYSTEM, Pattern, is_system
 from ..exceptions import Forbidden
 
 
@@ -100,6 +100,11 @@ class Grant:
                 )
 
     def check_publish(self, channel: str) -> None:
+        if is_system(channel):
+            raise Forbidden(
+                f"channel {channel[:80]!r} is reserved: channels under '{SYSTEM}/' carry the "
+                "server's own events, and only the server publishes there"
+            )
         if not self.may_publish(channel):
             raise Forbidden(
                 f"token for {quote(self.subject)} may not publish to {channel!r} "
