@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -14,7 +15,14 @@ import pytest
 
 from tidings.events import Event, make_draft
 from tidings.log.memory import MemoryLog
-from tidings.webhooks.delivery import Attempt, Endpoint, EndpointWorker, HttpSender
+from tidings.webhooks.delivery import (
+    Attempt,
+    Endpoint,
+    EndpointWorker,
+    HttpSender,
+    Retry,
+    Secret,
+)
 from tidings.webhooks.policy import Health, HealthState, Schedule
 from tidings.webhooks.signing import generate_secret, parse_secret, sign
 from tidings.webhooks.ssrf import AddressPolicy, safe_client
@@ -91,34 +99,64 @@ async def publish(log: MemoryLog, channel: str, count: int, type: str = "made") 
 
 @dataclass
 class Run:
-    worker: EndpointWorker
-    attempts: list[Attempt]
-    health: list[HealthState]
-    failed: list[str]
+    """A Reporter that keeps everything in memory, and the worker reporting to it."""
+
+    log: MemoryLog
+    worker: EndpointWorker | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    health: list[HealthState] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    stored: dict[int, Retry] = field(default_factory=dict)
+    handed: list[Retry] = field(default_factory=list)
+    lost_ranges: list[tuple[int, int]] = field(default_factory=list)
+
+    async def retries(self, endpoint: str) -> list[Retry]:
+        return list(self.stored.values())
+
+    async def retrying(self, endpoint: Endpoint, retry: Retry) -> None:
+        self.stored[retry.seq] = retry
+        self.handed.append(retry)
+
+    async def settled(self, endpoint: Endpoint, seq: int, number: int, failure: str | None) -> None:
+        self.stored.pop(seq, None)
+        if failure is not None:
+            self.failed.append(f"{self.log.epoch}:{seq}")
+
+    async def attempted(self, attempt: Attempt) -> None:
+        self.attempts.append(attempt)
+
+    async def health_changed(self, endpoint: Endpoint, before: HealthState) -> None:
+        self.health.append(endpoint.health)
+
+    async def lost(self, endpoint: Endpoint, after: int, low: int) -> None:
+        self.lost_ranges.append((after, low))
+
+    @property
+    def running(self) -> EndpointWorker:
+        assert self.worker is not None
+        return self.worker
 
 
 @contextlib.asynccontextmanager
 async def delivering(
-    log: MemoryLog, endpoint: Endpoint, schedule: Schedule = FAST, disable_after: float = 3600
+    log: MemoryLog,
+    endpoint: Endpoint,
+    schedule: Schedule = FAST,
+    disable_after: float = 3600,
+    run: Run | None = None,
+    client: httpx.AsyncClient | None = None,
 ) -> AsyncIterator[Run]:
-    attempts: list[Attempt] = []
-    health: list[HealthState] = []
-    failed: list[str] = []
-    async with httpx.AsyncClient(follow_redirects=False) as client:
-        worker = EndpointWorker(
-            endpoint,
-            log,
-            HttpSender(client),
-            schedule=schedule,
-            disable_after=disable_after,
-            on_attempt=attempts.append,
-            on_health=lambda _e, state: health.append(state),
-            on_failed=lambda _e, event: failed.append(event.cursor),
+    run = Run(log) if run is None else run
+    async with contextlib.AsyncExitStack() as stack:
+        if client is None:
+            client = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
+        worker = run.worker = EndpointWorker(
+            endpoint, log, HttpSender(client), run, schedule=schedule, disable_after=disable_after
         )
         log.listen(lambda _events: worker.wake())
         task = asyncio.create_task(worker.run(start=0))
         try:
-            yield Run(worker, attempts, health, failed)
+            yield run
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -126,8 +164,9 @@ async def delivering(
 
 
 def endpoint(url: str, **kwargs: Any) -> Endpoint:
-    secret = kwargs.pop("secret", generate_secret())
-    return Endpoint(id="ep1", url=url, channels=("orders/**",), secrets=(secret,), **kwargs)
+    if "secrets" not in kwargs:
+        kwargs["secrets"] = (Secret(kwargs.pop("secret", generate_secret()), 0.0),)
+    return Endpoint(id="ep1", url=url, channels=("orders/**",), **kwargs)
 
 
 async def test_every_matching_event_is_delivered_signed_with_its_cursor(log: MemoryLog) -> None:
@@ -138,7 +177,7 @@ async def test_every_matching_event_is_delivered_signed_with_its_cursor(log: Mem
         await publish(log, "users/1", 2)  # not for this endpoint
         async with delivering(log, hook) as run:
             await until(lambda: len(receiver.requests) == 3)
-            await until(lambda: run.worker.cursor == events[-1].seq)
+            await until(lambda: run.running.cursor == events[-1].seq)
     assert [r.headers["webhook-id"] for r in receiver.requests] == [e.cursor for e in events]
     for request, event in zip(receiver.requests, events, strict=True):
         assert request.body == event.json()  # the same envelope as every transport
@@ -153,7 +192,8 @@ async def test_failures_are_retried_with_the_same_id_until_a_2xx(log: MemoryLog)
     async with receiving(Receiver(answers=script)) as receiver:
         [event] = await publish(log, "orders/1", 1)
         async with delivering(log, endpoint(receiver.url)) as run:
-            await until(lambda: run.worker.cursor == event.seq)
+            await until(lambda: len(run.attempts) == 4 and not run.stored)
+    assert [r.number for r in run.handed] == [1, 2, 3]  # each retry stored before its wait
     assert [r.headers["webhook-id"] for r in receiver.requests] == [event.cursor] * 4
     assert [a.status for a in run.attempts] == [500, 429, 301, 200]
     assert "redirect" in run.attempts[2].outcome.reason
@@ -166,7 +206,7 @@ async def test_after_the_last_attempt_the_event_is_failed_and_the_cursor_moves_o
     async with receiving(Receiver(answers=[(503, {})] * 4)) as receiver:
         first, second = await publish(log, "orders/1", 2)
         async with delivering(log, endpoint(receiver.url, strict_order=True)) as run:
-            await until(lambda: run.worker.cursor == second.seq)
+            await until(lambda: run.running.cursor == second.seq)
     assert run.failed == [first.cursor]
     assert [r.headers["webhook-id"] for r in receiver.requests] == [first.cursor] * 4 + [
         second.cursor
@@ -177,7 +217,7 @@ async def test_410_gone_disables_the_endpoint_and_nothing_more_is_sent(log: Memo
     async with receiving(Receiver(answers=[(410, {})])) as receiver:
         events = await publish(log, "orders/1", 3)
         async with delivering(log, endpoint(receiver.url, strict_order=True)) as run:
-            await until(lambda: run.worker.disabled)
+            await until(lambda: run.running.disabled)
             await asyncio.sleep(0.1)
     assert len(receiver.requests) == 1
     assert run.health[-1].health is Health.DISABLED and "410" in (run.health[-1].reason or "")
@@ -190,7 +230,7 @@ async def test_timeouts_fail_the_attempt(log: MemoryLog) -> None:
         [event] = await publish(log, "orders/1", 1)
         hook = endpoint(receiver.url, timeout=0.1)
         async with delivering(log, hook, schedule=Schedule((0,), jitter=0)) as run:
-            await until(lambda: run.worker.cursor == event.seq)
+            await until(lambda: run.running.cursor == event.seq)
     assert run.attempts[0].error == "timeout" and run.attempts[0].outcome.slow
     assert run.failed == [event.cursor]
 
@@ -200,13 +240,13 @@ async def test_a_crash_mid_delivery_resends_from_the_stored_cursor(log: MemoryLo
         events = await publish(log, "orders/1", 4)
         hook = endpoint(receiver.url, strict_order=True)
         async with delivering(log, hook) as run:
-            await until(lambda: run.worker.cursor >= events[1].seq)
+            await until(lambda: run.running.cursor >= events[1].seq)
         # Cancelled mid-delivery, as a kill would: a new worker resumes from the stored cursor.
         stored = await log.get_consumer("webhook:ep1")
         assert stored is not None and stored < events[-1].seq
         receiver.delay = 0
         async with delivering(log, hook) as run:
-            await until(lambda: run.worker.cursor == events[-1].seq)
+            await until(lambda: run.running.cursor == events[-1].seq)
     ids = [r.headers["webhook-id"] for r in receiver.requests]
     assert set(ids) == {e.cursor for e in events}  # every event at least once
     assert ids == sorted(ids, key=lambda c: int(c.split(":")[1]))  # in order, repeats adjacent
@@ -217,30 +257,102 @@ async def test_event_type_filters(log: MemoryLog) -> None:
         await publish(log, "orders/1", 2, type="noise")
         wanted = await publish(log, "orders/1", 1, type="paid")
         async with delivering(log, endpoint(receiver.url, types=("paid",))) as run:
-            await until(lambda: run.worker.cursor == wanted[0].seq)
+            await until(lambda: run.running.cursor == wanted[0].seq)
     assert [r.headers["webhook-id"] for r in receiver.requests] == [wanted[0].cursor]
 
 
 async def test_an_endpoint_the_ssrf_policy_refuses_is_a_failed_attempt(log: MemoryLog) -> None:
     async with receiving(Receiver()) as receiver:
         [event] = await publish(log, "orders/1", 1)
-        failed: list[str] = []
-        attempts: list[Attempt] = []
-        async with safe_client(AddressPolicy(allow_http=True), 5) as client:
-            worker = EndpointWorker(
-                endpoint(receiver.url),
-                log,
-                HttpSender(client),
-                schedule=Schedule((0,), jitter=0),
-                disable_after=3600,
-                on_attempt=attempts.append,
-                on_failed=lambda _e, ev: failed.append(ev.cursor),
-            )
-            task = asyncio.create_task(worker.run(start=0))
-            await until(lambda: worker.cursor == event.seq)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async with (
+            safe_client(AddressPolicy(allow_http=True), 5) as client,
+            delivering(log, endpoint(receiver.url), Schedule((0,), jitter=0), client=client) as run,
+        ):
+            await until(lambda: run.running.cursor == event.seq)
     assert receiver.requests == []  # nothing reached the loopback receiver
-    assert failed == [event.cursor]
-    assert attempts[0].error is not None and "loopback" in attempts[0].error
+    assert run.failed == [event.cursor]
+    assert run.attempts[0].error is not None and "loopback" in run.attempts[0].error
+
+
+async def test_a_failing_event_waits_for_its_retry_without_holding_back_the_others(
+    log: MemoryLog,
+) -> None:
+    async with receiving(Receiver(answers=[(500, {})])) as receiver:
+        first, *rest = await publish(log, "orders/1", 3)
+        hook = endpoint(receiver.url)
+        slow = Schedule((0, 3600), jitter=0)
+        async with delivering(log, hook, slow) as run:
+            await until(lambda: run.running.cursor == rest[-1].seq and len(run.attempts) == 3)
+            [retry] = run.stored.values()
+            assert retry.seq == first.seq and retry.number == 1
+            assert run.running.lag(run.attempts[-1].time + 10) >= 10  # the waiting event
+        # A restart resumes the stored retry: due in the past, so it goes at once.
+        run.stored[first.seq] = replace(retry, due=0)
+        async with delivering(log, hook, slow, run=run) as run:
+            await until(lambda: not run.stored)
+    ids = [r.headers["webhook-id"] for r in receiver.requests]
+    assert sorted(ids) == sorted([first.cursor] * 2 + [e.cursor for e in rest])
+    assert ids[-1] == first.cursor and run.failed == []
+
+
+async def test_strict_order_holds_the_cursor_through_retries_and_resumes_them(
+    log: MemoryLog,
+) -> None:
+    async with receiving(Receiver(answers=[(500, {})])) as receiver:
+        first, second = await publish(log, "orders/1", 2)
+        hook = endpoint(receiver.url, strict_order=True)
+        slow = Schedule((0, 3600), jitter=0)
+        async with delivering(log, hook, slow) as run:
+            await until(lambda: bool(run.stored))
+            await asyncio.sleep(0.05)
+            assert run.running.cursor == 0 and len(receiver.requests) == 1
+        run.stored[first.seq] = replace(run.stored[first.seq], due=0)
+        async with delivering(log, hook, slow, run=run) as run:
+            await until(lambda: run.running.cursor == second.seq)
+    assert [r.headers["webhook-id"] for r in receiver.requests] == [
+        first.cursor,
+        first.cursor,
+        second.cursor,
+    ]
+    assert run.attempts[-2].number == 1  # the stored attempt number carried over the restart
+
+
+async def test_events_removed_by_retention_before_delivery_are_reported_lost() -> None:
+    log = MemoryLog(max_events=2)
+    await log.open()
+    try:
+        async with receiving(Receiver()) as receiver:
+            events = await publish(log, "orders/1", 5)
+            await log.trim()
+            async with delivering(log, endpoint(receiver.url)) as run:
+                await until(lambda: run.running.cursor == events[-1].seq)
+        assert run.lost_ranges == [(0, events[2].seq)]
+        assert [r.headers["webhook-id"] for r in receiver.requests] == [
+            e.cursor for e in events[3:]
+        ]
+    finally:
+        await log.close()
+
+
+async def test_a_rotated_out_secret_signs_until_it_expires(log: MemoryLog) -> None:
+    old, new, expired = generate_secret(), generate_secret(), generate_secret()
+    secrets = (Secret(new, 2.0), Secret(old, 1.0, expires=2e9), Secret(expired, 0.0, expires=1.0))
+    async with receiving(Receiver()) as receiver:
+        [event] = await publish(log, "orders/1", 1)
+        async with delivering(log, endpoint(receiver.url, secrets=secrets)) as run:
+            await until(lambda: run.running.cursor == event.seq)
+    request = receiver.requests[0]
+    stamp = int(request.headers["webhook-timestamp"])
+    expected = [sign(parse_secret(s), event.cursor, stamp, request.body) for s in (new, old)]
+    assert request.headers["webhook-signature"] == " ".join(expected)
+
+
+async def test_the_rate_limit_spaces_attempts(log: MemoryLog) -> None:
+    async with receiving(Receiver()) as receiver:
+        events = await publish(log, "orders/1", 5)
+        hook = endpoint(receiver.url, rate_limit=20.0, concurrency=8)
+        async with delivering(log, hook) as run:
+            await until(lambda: run.running.cursor == events[-1].seq)
+    starts = sorted(a.time for a in run.attempts)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.04  # 1/20 s apart, less scheduling slack
