@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from .exceptions import ConfigError
 
 # Variables read elsewhere (by the CLI and the client), not configuration keys.
-NON_CONFIG_VARIABLES = {"TIDINGS_CONFIG", "TIDINGS_URL"}
+NON_CONFIG_VARIABLES = {"TIDINGS_CONFIG", "TIDINGS_URL", "TIDINGS_TOKEN"}
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}

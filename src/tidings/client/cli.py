@@ -1,5 +1,7 @@
 """``tidings publish`` and ``tidings subscribe``: the client from the command line.
 
+``tidings webhooks …`` is in ``webhooks_cli``; this module registers it.
+
 Output is one JSON line per event (the CloudEvents envelope), flushed as it arrives, so the
 commands compose with ``jq`` and scripts. Problems go to stderr as one ``tidings: …`` line;
 exit codes are ``tidings.cli``'s: 1 for a refused request or an unreachable server, 2 for bad
@@ -126,7 +128,9 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: Any) -> None:
-    """Add ``publish`` and ``subscribe`` to the ``tidings`` command's subparsers."""
+    """Add ``publish``, ``subscribe`` and ``webhooks`` to the ``tidings`` command's subparsers."""
+    from . import webhooks_cli  # imports this module's helpers
+
     url_help = f"server URL (default: $TIDINGS_URL or {DEFAULT_URL})"
     default_url = os.environ.get("TIDINGS_URL") or DEFAULT_URL
     grpc_help = (
@@ -197,3 +201,5 @@ def add_commands(commands: Any) -> None:
         "--grpc-target", metavar="HOST:PORT", default=default_grpc, help=grpc_help
     )
     subscribe.set_defaults(handler=cmd_subscribe)
+
+    webhooks_cli.add_commands(commands)
