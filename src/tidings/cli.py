@@ -128,8 +128,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     import orjson
 
-    from .auth.apikeys import NotFound
-    from .exceptions import BadRequest
+    from .exceptions import BadRequest, NotFound
     from .server import make_key_store
 
     settings = config.load(args.config, os.environ)

@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from .exceptions import ConfigError
 
 # Variables read elsewhere (by the CLI and the client), not configuration keys.
-NON_CONFIG_VARIABLES = {"TIDINGS_CONFIG", "TIDINGS_URL", "TIDINGS_TOKEN"}
+NON_CONFIG_VARIABLES = {"TIDINGS_CONFIG", "TIDINGS_URL", "TIDINGS_TOKEN", "TIDINGS_GRPC_TARGET"}
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -106,6 +106,25 @@ class GrpcSettings:
 
 
 @dataclass
+class WebhookSettings:
+    """Webhook delivery (docs/webhooks.md); endpoints are managed through the admin API."""
+
+    enabled: bool = True
+    allow_http: bool = False  # endpoints with plain http:// URLs
+    allowed_networks: tuple[str, ...] = ()  # exceptions to the SSRF block list (IPs, CIDRs)
+    schedule: tuple[str, ...] = ("0", "5s", "5m", "30m", "2h", "5h", "10h", "10h")
+    timeout: Duration = Duration(15.0)  # per attempt, connecting included
+    disable_after: Duration = Duration(5 * 86400)  # failing with no success this long: disabled
+    concurrency: int = 4  # default attempts in flight per endpoint
+    max_retrying: int = 1000  # events of one endpoint waiting for a retry before reading stops
+    attempt_retention: Duration = Duration(7 * 86400)  # how long the attempt log keeps rows
+    secret_grace: Duration = Duration(86400)  # a rotated-out secret keeps signing this long
+    replay_rate: int = 50  # events per second, a replay's default pace
+    max_replay: int = 100_000  # events one replay may select
+    max_endpoints: int = 1000
+
+
+@dataclass
 class PollSettings:
     max_wait: Duration = Duration(60.0)
 
@@ -161,6 +180,7 @@ class Settings:
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     poll: PollSettings = field(default_factory=PollSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
 
@@ -169,7 +189,9 @@ _POSITIVE = {"queue_size", "max_events", "max_batch", "default_limit", "max_limi
              "max_event_bytes", "max_request_bytes", "heartbeat", "write_timeout", "trim_interval",
              "max_age", "idempotency_window", "max_channels", "header_timeout",
              "idle_timeout", "ping_interval", "ping_timeout", "auth_timeout", "max_message",
-             "max_subscriptions", "keepalive_interval", "keepalive_timeout"}  # fmt: skip
+             "max_subscriptions", "keepalive_interval", "keepalive_timeout", "timeout",
+             "disable_after", "concurrency", "max_retrying", "attempt_retention",
+             "replay_rate", "max_replay", "max_endpoints"}  # fmt: skip
 _NON_NEGATIVE = {"publish_rate", "publish_burst", "subscribe_rate", "subscribe_burst",
                  "credential_publish_rate", "credential_publish_burst",
                  "credential_subscribe_rate", "credential_subscribe_burst",
@@ -264,13 +286,18 @@ def _apply(settings: Settings, section: str, key: str, value: Any, where: str) -
         raise ConfigError(f"{where} (grpc.port) must be 0-65535 (0: any free port), not {value!r}")
     if (section, key) == ("log", "path") and not coerced.strip():
         raise ConfigError(f"{where} (log.path) must name a file, not {value!r}")
-    if (section, key) == ("limits", "trusted_proxies"):
+    if (section, key) == ("webhooks", "schedule"):
+        if not coerced:
+            raise ConfigError(f"{where} (webhooks.schedule) must list at least one delay")
+        for item in coerced:
+            _coerce(f"{where} (webhooks.schedule)", Duration, item)
+    if (section, key) in (("limits", "trusted_proxies"), ("webhooks", "allowed_networks")):
         for item in coerced:
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ConfigError(
-                    f"{where} (limits.trusted_proxies): {item!r} is not an IP address or a "
+                    f"{where} ({section}.{key}): {item!r} is not an IP address or a "
                     "CIDR network like 10.0.0.0/8"
                 ) from None
     setattr(group, key, coerced)
@@ -330,3 +357,8 @@ def _check(settings: Settings) -> None:
 
 def as_dict(settings: Settings) -> dict[str, dict[str, Any]]:
     return {f.name: dataclasses.asdict(getattr(settings, f.name)) for f in fields(Settings)}
+
+
+def schedule_seconds(settings: WebhookSettings) -> tuple[float, ...]:
+    """``webhooks.schedule`` in seconds (each entry was checked when it was set)."""
+    return tuple(float(_coerce("webhooks.schedule", Duration, d)) for d in settings.schedule)

@@ -141,6 +141,18 @@ class TooManyConnections(TidingsError):
             self.status = 503
 
 
+class NotFound(TidingsError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(TidingsError):
+    """The request is valid but the resource's state does not allow it now."""
+
+    status = 409
+    code = "conflict"
+
+
 class DuplicateSubscription(TidingsError):
     status = 409
     code = "duplicate_subscription"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 TRANSPORTS = ("sse", "ws", "grpc", "longpoll", "poll", "http")
@@ -39,10 +42,47 @@ class Metrics:
             "Bytes of history: event data (memory), file + WAL (SQLite)",
             registry=r,
         )
+        self.webhook_attempts = Counter(
+            "tidings_webhook_attempts",
+            "Webhook attempts by endpoint and outcome (delivered, retry, gone)",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.webhook_failed = Counter(
+            "tidings_webhook_failed_events",
+            "Events failed for an endpoint after their last attempt (kept, replayable)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_seconds = Histogram(
+            "tidings_webhook_attempt_seconds",
+            "Duration of webhook attempts, from sending to the response's status",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0),
+            registry=r,
+        )
+        self.webhook_lag = Gauge(
+            "tidings_webhook_lag_seconds",
+            "Age of the oldest event an endpoint has read and not yet delivered or failed",
+            ["endpoint"],
+            registry=r,
+        )
         for transport in TRANSPORTS:
             self.delivered.labels(transport)
             self.subscribers.labels(transport)
             self.lagged.labels(transport)
+
+    def forget_endpoint(self, endpoint: str) -> None:
+        """Drop a deleted webhook endpoint's series."""
+        series: list[tuple[Any, tuple[str, ...]]] = [
+            (self.webhook_failed, (endpoint,)),
+            (self.webhook_seconds, (endpoint,)),
+            (self.webhook_lag, (endpoint,)),
+        ]
+        series += [(self.webhook_attempts, (endpoint, v)) for v in ("delivered", "retry", "gone")]
+        for family, labels in series:
+            with contextlib.suppress(KeyError):  # never observed
+                family.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

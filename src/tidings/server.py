@@ -41,8 +41,10 @@ from .log import Log
 from .metrics import Metrics
 from .openapi import openapi_document
 from .periodic import every
-from .transports import Context, admin, http, origins, polling, sse, websocket
+from .transports import Context, admin, http, origins, polling, sse, webhooks, websocket
 from .transports.grpc import GrpcServer
+from .webhooks.service import Webhooks
+from .webhooks.store import WebhookStore
 
 logger = logging.getLogger("tidings")
 
@@ -136,15 +138,37 @@ def build_app(hub: Hub, settings: Settings, auth: Authenticator | None = None) -
         Route("/keys", admin.list_keys, methods=["GET"]),
         Route("/keys", admin.create_key, methods=["POST"]),
         Route("/keys/{key_id}", admin.revoke_key, methods=["DELETE"]),
+        Route("/webhooks", webhooks.list_endpoints, methods=["GET"]),
+        Route("/webhooks", webhooks.create_endpoint, methods=["POST"]),
+        Route("/webhooks/{id}", webhooks.get_endpoint, methods=["GET"]),
+        Route("/webhooks/{id}", webhooks.update_endpoint, methods=["PATCH"]),
+        Route("/webhooks/{id}", webhooks.delete_endpoint, methods=["DELETE"]),
+        Route("/webhooks/{id}/rotate", webhooks.rotate_secret, methods=["POST"]),
+        Route("/webhooks/{id}/attempts", webhooks.list_attempts, methods=["GET"]),
+        Route("/webhooks/{id}/failed", webhooks.list_failed, methods=["GET"]),
+        Route("/webhooks/{id}/replay", webhooks.replay, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers=http.exception_handlers)
     app.router.redirect_slashes = False  # "/publish/" is a 404 with a JSON body, not a redirect
     if auth is None:
         auth = make_authenticator(settings.auth)
     app.state.tidings = Context(
-        hub, settings, sse.Streams(settings.sse), auth, Limits(settings.limits)
+        hub,
+        settings,
+        sse.Streams(settings.sse),
+        auth,
+        Limits(settings.limits),
+        make_webhooks(hub, settings),
     )
     return app
+
+
+def make_webhooks(hub: Hub, settings: Settings) -> Webhooks | None:
+    """The webhook service, its tables beside the events (in memory with a memory log)."""
+    if not settings.webhooks.enabled:
+        return None
+    path = settings.log.path if settings.log.backend == "sqlite" else ":memory:"
+    return Webhooks(hub, settings.webhooks, WebhookStore(path))
 
 
 class HeaderDeadline(HttpToolsProtocol):
@@ -309,6 +333,8 @@ class Tidings:
                 tasks.create_task(self.websockets.run(self._stopping, grace))
                 if self.grpc is not None:
                     tasks.create_task(self._drain_grpc(self.grpc))
+                if self.context.webhooks is not None:
+                    tasks.create_task(self.context.webhooks.run(self._stopping))
                 if auth.api_keys is not None:
                     tasks.create_task(auth.api_keys.watch(self._stopping))
                 if auth.jwks is not None:

@@ -30,17 +30,12 @@ from typing import Any
 import orjson
 
 from ..events import Pattern, format_time, parse_patterns
-from ..exceptions import ConfigError, TidingsError, Unauthorized
+from ..exceptions import ConfigError, NotFound, TidingsError, Unauthorized
 from ..periodic import every
 from .grants import Grant
 
 PREFIX = "tdk_"
 _KEY = re.compile(r"tdk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
-
-
-class NotFound(TidingsError):
-    status = 404
-    code = "not_found"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from ..hub import Hub
 from ..limits import Action, Limits
 
 if TYPE_CHECKING:
+    from ..webhooks.service import Webhooks
     from .sse import Streams
 
 
@@ -35,6 +36,7 @@ class Context:
     streams: Streams
     auth: Authenticator
     limits: Limits
+    webhooks: Webhooks | None = None  # None: webhooks.enabled is off
 
 
 def context(request: Request) -> Context:

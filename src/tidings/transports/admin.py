@@ -9,8 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..auth import KeyStore
-from ..auth.apikeys import NotFound
-from ..exceptions import ConfigError, InvalidEvent
+from ..exceptions import ConfigError, InvalidEvent, NotFound
 from . import Query, authenticate, context
 from .http import json_response, read_body
 

@@ -235,4 +235,7 @@ async def metrics(request: Request) -> Response:
     m.log_head.set(stats.head)
     if stats.bytes is not None:
         m.log_bytes.set(stats.bytes)
+    webhooks = context(request).webhooks
+    if webhooks is not None:
+        webhooks.refresh_metrics()
     return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -270,6 +270,24 @@ class AddressPolicy:
         if address is not None:
             self.check_address(address)
 
+    async def check_endpoint(self, url: str, resolver: Resolver | None = None) -> None:
+        """``check_url``, then, for a hostname, its addresses as resolved now: a name that
+        resolves into a blocked range is refused at registration. A name that does not resolve
+        yet is accepted; every connection checks again anyway."""
+        self.check_url(url)
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ip_literal(host) is not None:
+            return
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        try:
+            async with asyncio.timeout(5):
+                found = await (resolver or resolve)(host, port)
+        except (OSError, TimeoutError):
+            return
+        for text in found:
+            self.check_address(text, host)
+
 
 async def resolve(host: str, port: int) -> list[str]:
     """The addresses ``host`` resolves to for a TCP connection, in the resolver's order."""
