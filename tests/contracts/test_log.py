@@ -497,6 +497,10 @@ async def test_consumer_cursors(logs: Logs) -> None:
     await log.set_consumer(name, 7)
     assert await log.get_consumer(name) == 7
     assert await log.get_consumer("webhook:2") is None
+    await log.delete_consumer("webhook:1")
+    await log.delete_consumer("never-set")  # nothing to delete is not an error
+    assert await log.get_consumer("webhook:1") is None
+    assert await log.get_consumer(name) == 7
 
 
 # -- SQLite: what survives a restart ---------------------------------------------------------

@@ -13,7 +13,8 @@ Contract (checked by ``tests/contracts/test_log.py`` against every implementatio
   number through which retention may have removed events: a reader at ``after >= low()`` misses
   nothing.
 - ``epoch`` is created with the log and never changes while the log's data survives.
-- Consumer cursors (``get_consumer``/``set_consumer``) persist positions of durable consumers.
+- Consumer cursors (``get_consumer``/``set_consumer``/``delete_consumer``) persist positions of
+  durable consumers.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class Log(Protocol):
     async def get_consumer(self, name: str) -> int | None: ...
 
     async def set_consumer(self, name: str, seq: int) -> None: ...
+
+    async def delete_consumer(self, name: str) -> None: ...
 
 
 # Implementations by name, as import strings, so optional backends load only when chosen.

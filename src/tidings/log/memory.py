@@ -190,3 +190,6 @@ class MemoryLog:
 
     async def set_consumer(self, name: str, seq: int) -> None:
         self._consumers[name] = seq
+
+    async def delete_consumer(self, name: str) -> None:
+        self._consumers.pop(name, None)

@@ -381,3 +381,10 @@ class SQLiteLog:
             "ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
             (name, seq),
         )
+
+    async def delete_consumer(self, name: str) -> None:
+        await self._on(self._writer, self._delete_consumer_sync, name)
+
+    def _delete_consumer_sync(self, name: str) -> None:
+        assert self._wconn is not None
+        self._wconn.execute("DELETE FROM consumers WHERE name = ?", (name,))

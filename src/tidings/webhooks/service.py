@@ -298,7 +298,9 @@ class Webhooks:
                            type=type)  # fmt: skip
         try:
             await self.hub.publish([draft])
-        except Exception:  # shutting down, or the log failed: the log says it, the hub goes on
+        except Unavailable:  # shutting down
+            logger.info("not published (shutting down): %s for endpoint %s", type, endpoint.id)
+        except Exception:  # the log failed: the log says why; delivery goes on
             logger.exception("could not publish %s for endpoint %s", type, endpoint.id)
 
     def _cursor(self, seq: int) -> str:
@@ -407,6 +409,7 @@ class Webhooks:
         await self._stop(id)
         self._forget(endpoint)
         await self.store.delete(id)
+        await self.log.delete_consumer(endpoint.consumer)
         self.metrics.forget_endpoint(id)
         self._replays.pop(id, None)
         return endpoint
