@@ -394,7 +394,10 @@ class SafeTransport(httpx.AsyncHTTPTransport):
         ssl_context: ssl.SSLContext | None = None,
         resolver: Resolver = resolve,
     ) -> None:
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's
+        # No pool-wide cap: the endpoints' own concurrency bounds what is in flight, and a
+        # request queued behind other endpoints' in a shared pool would time out unsent and be
+        # logged as the receiver's timeout. Idle connections are kept for reuse, within bounds.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
         context = ssl_context if ssl_context is not None else httpx.create_ssl_context()
         super().__init__(verify=context, trust_env=False, limits=limits)
         self.policy = policy
