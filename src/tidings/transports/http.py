@@ -237,5 +237,5 @@ async def metrics(request: Request) -> Response:
         m.log_bytes.set(stats.bytes)
     webhooks = context(request).webhooks
     if webhooks is not None:
-        webhooks.refresh_metrics()
+        await webhooks.refresh_metrics()
     return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -199,17 +199,14 @@ class Webhooks:
 
     async def _supervise(self, running: _Running) -> None:
         id = running.worker.endpoint.id
-        try:
-            while True:
-                try:
-                    await running.worker.run(start=0)  # a new endpoint's cursor is stored
-                    return  # disabled
-                except Exception:
-                    logger.exception("webhook endpoint %s: delivery failed; restarting", id)
-                    await asyncio.sleep(RESTART_PAUSE)
-                    running.worker = self._worker(running.worker.endpoint)
-        finally:
-            self.metrics.webhook_lag.labels(id).set(0)
+        while True:
+            try:
+                await running.worker.run(start=0)  # a new endpoint's cursor is already stored
+                return  # disabled
+            except Exception:
+                logger.exception("webhook endpoint %s: delivery failed; restarting", id)
+                await asyncio.sleep(RESTART_PAUSE)
+                running.worker = self._worker(running.worker.endpoint)
 
     async def _stop(self, id: str) -> None:
         running = self._running.pop(id, None)
@@ -227,11 +224,19 @@ class Webhooks:
             except Exception:
                 logger.exception("trimming the webhook attempt log failed")
 
-    def refresh_metrics(self) -> None:
-        """Set the lag gauges (called when metrics are scraped)."""
+    async def refresh_metrics(self) -> None:
+        """Set the lag gauges (called when metrics are scraped). A running worker knows its
+        oldest undelivered event; a disabled endpoint's is the first one after its cursor."""
         now = self.clock()
-        for id, running in self._running.items():
-            self.metrics.webhook_lag.labels(id).set(running.worker.lag(now))
+        for id, endpoint in self._endpoints.items():
+            running = self._running.get(id)
+            if running is not None and not running.task.done():
+                lag = running.worker.lag(now)
+            else:
+                cursor = await self.log.get_consumer(endpoint.consumer) or 0
+                waiting = await self.log.read(cursor, endpoint.patterns, 1)
+                lag = max(0.0, now - waiting[0].time) if waiting else 0.0
+            self.metrics.webhook_lag.labels(id).set(lag)
 
     # -- the Reporter the workers call ---------------------------------------------------------
 
