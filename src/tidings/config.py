@@ -125,6 +125,39 @@ class WebhookSettings:
 
 
 @dataclass
+class MQTTSettings:
+    """The MQTT relay (docs/relays.md); off unless ``url`` is set."""
+
+    url: str = ""  # mqtt://[user:password@]host[:1883] or mqtts://…:8883
+    client_id: str = ""  # empty: tidings-<random>
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive: Duration = Duration(30.0)
+    tls_ca_file: str = ""  # PEM bundle to verify the broker (mqtts); empty: the system's
+    prefix: str = "tidings"  # outbound: each event goes to {prefix}/{channel}
+    channels: tuple[str, ...] = ("**",)  # outbound patterns; empty: no outbound
+    qos: int = 1  # outbound QoS (0 or 1; 1 waits for PUBACK before the cursor moves)
+    retain: tuple[str, ...] = ()  # channel patterns whose messages the broker retains
+    inbound_prefix: str = "tidings-in"  # inbound: subscribe {inbound_prefix}/#; empty: off
+    inbound_qos: int = 1
+    inbound_publish: tuple[str, ...] = ("**",)  # channels inbound messages may publish to
+
+
+@dataclass
+class AMQPSettings:
+    """The AMQP 0-9-1 relay (docs/relays.md); off unless ``url`` is set."""
+
+    url: str = ""  # amqp://user:password@host:5672/vhost or amqps://
+    exchange: str = "tidings"  # outbound durable topic exchange; routing key = channel, / -> .
+    channels: tuple[str, ...] = ("**",)  # outbound patterns; empty: no outbound
+    inbound_exchange: str = "tidings-in"  # durable topic exchange the inbound queue binds to
+    inbound_queue: str = "tidings-in"  # durable queue; empty: no inbound
+    inbound_binding: str = "#"  # binding key of the inbound queue
+    dead_letter_exchange: str = "tidings-dlx"  # refused inbound messages go here, with why
+    inbound_publish: tuple[str, ...] = ("**",)  # channels inbound messages may publish to
+    prefetch: int = 256  # inbound messages in flight
+
+
+@dataclass
 class PollSettings:
     max_wait: Duration = Duration(60.0)
 
@@ -181,6 +214,8 @@ class Settings:
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     poll: PollSettings = field(default_factory=PollSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    mqtt: MQTTSettings = field(default_factory=MQTTSettings)
+    amqp: AMQPSettings = field(default_factory=AMQPSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
 
@@ -191,7 +226,7 @@ _POSITIVE = {"queue_size", "max_events", "max_batch", "default_limit", "max_limi
              "idle_timeout", "ping_interval", "ping_timeout", "auth_timeout", "max_message",
              "max_subscriptions", "keepalive_interval", "keepalive_timeout", "timeout",
              "disable_after", "concurrency", "max_retrying", "attempt_retention",
-             "replay_rate", "max_replay", "max_endpoints"}  # fmt: skip
+             "replay_rate", "max_replay", "max_endpoints", "keepalive", "prefetch"}  # fmt: skip
 _NON_NEGATIVE = {"publish_rate", "publish_burst", "subscribe_rate", "subscribe_burst",
                  "credential_publish_rate", "credential_publish_burst",
                  "credential_subscribe_rate", "credential_subscribe_burst",
@@ -336,6 +371,15 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> S
 
 
 def _check(settings: Settings) -> None:
+    for name in ("mqtt.qos", "mqtt.inbound_qos"):
+        if getattr(settings.mqtt, name.split(".")[1]) not in (0, 1):
+            raise ConfigError(f"{name} must be 0 or 1 (QoS 2 is not supported)")
+    mqtt = settings.mqtt
+    if mqtt.url and not mqtt.url.startswith(("mqtt://", "mqtts://")):
+        raise ConfigError(f"mqtt.url must start with mqtt:// or mqtts://, not {mqtt.url[:40]!r}")
+    amqp = settings.amqp
+    if amqp.url and not amqp.url.startswith(("amqp://", "amqps://")):
+        raise ConfigError(f"amqp.url must start with amqp:// or amqps://, not {amqp.url[:40]!r}")
     grpc = settings.grpc
     if bool(grpc.tls_cert_file) != bool(grpc.tls_key_file):
         raise ConfigError("grpc.tls_cert_file and grpc.tls_key_file go together: set both or none")

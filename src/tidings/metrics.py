@@ -67,6 +67,34 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.relay_connected = Gauge(
+            "tidings_relay_connected", "1 while a relay is connected to its broker", ["relay"],
+            registry=r,
+        )  # fmt: skip
+        self.relay_events = Counter(
+            "tidings_relay_events",
+            "Events relayed: out (confirmed by the broker) and in (published from the broker)",
+            ["relay", "direction"],
+            registry=r,
+        )
+        self.relay_dropped = Counter(
+            "tidings_relay_dropped_messages",
+            "Inbound broker messages refused (dead-lettered or dropped), by reason",
+            ["relay", "reason"],
+            registry=r,
+        )
+        self.relay_lost = Counter(
+            "tidings_relay_lost_events",
+            "Events removed by retention before a relay sent them",
+            ["relay"],
+            registry=r,
+        )
+        self.relay_lag = Gauge(
+            "tidings_relay_lag_seconds",
+            "Age of the oldest event a relay has not yet had confirmed by its broker",
+            ["relay"],
+            registry=r,
+        )
         for transport in TRANSPORTS:
             self.delivered.labels(transport)
             self.subscribers.labels(transport)

@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import brokers
+from . import brokers, relays
 from . import log as logs
 from .auth import Authenticator, JWKSCache, JWTSettings, KeyStore
 from .config import AuthSettings, Settings
@@ -41,6 +41,7 @@ from .log import Log
 from .metrics import Metrics
 from .openapi import openapi_document
 from .periodic import every
+from .relays import Relay
 from .transports import Context, admin, http, origins, polling, sse, webhooks, websocket
 from .transports.grpc import GrpcServer
 from .webhooks.service import Webhooks
@@ -161,6 +162,18 @@ def build_app(hub: Hub, settings: Settings, auth: Authenticator | None = None) -
         make_webhooks(hub, settings),
     )
     return app
+
+
+def make_relays(hub: Hub, settings: Settings) -> tuple[Relay, ...]:
+    """The MQTT and AMQP relays that have a broker URL configured."""
+    made: list[Relay] = []
+    for name in ("mqtt", "amqp"):
+        section = getattr(settings, name)
+        if not section.url:
+            continue
+        factory = load(relays.BACKENDS, name, "relay")  # ConfigError naming the extra
+        made.append(factory(hub, section, settings.http.max_event_bytes))
+    return tuple(made)
 
 
 def make_webhooks(hub: Hub, settings: Settings) -> Webhooks | None:
@@ -335,6 +348,8 @@ class Tidings:
                     tasks.create_task(self._drain_grpc(self.grpc))
                 if self.context.webhooks is not None:
                     tasks.create_task(self.context.webhooks.run(self._stopping))
+                for relay in self.context.relays:
+                    tasks.create_task(relay.run(self._stopping))
                 if auth.api_keys is not None:
                     tasks.create_task(auth.api_keys.watch(self._stopping))
                 if auth.jwks is not None:

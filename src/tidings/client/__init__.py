@@ -20,7 +20,7 @@ publishes over one WebSocket and returns the acknowledgement (``Published``), no
 
 from __future__ import annotations
 
-from .backoff import Backoff
+from ..backoff import Backoff
 from .client import DEFAULT_URL, BatchEvent, Client, Published, PublishVia
 from .errors import ProtocolError, RequestRejected, ServerUnavailable, TidingsClientError
 from .model import ContinuityLost, ReceivedEvent

@@ -21,7 +21,7 @@ from typing import Self
 
 import httpx
 
-from .backoff import Backoff
+from ..backoff import Backoff
 from .errors import ServerUnavailable
 from .model import ContinuityLost, Position, ReceivedEvent
 from .transport import Closeable, Transport

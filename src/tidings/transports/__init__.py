@@ -25,6 +25,7 @@ from ..hub import Hub
 from ..limits import Action, Limits
 
 if TYPE_CHECKING:
+    from ..relays import Relay
     from ..webhooks.service import Webhooks
     from .sse import Streams
 
@@ -37,6 +38,7 @@ class Context:
     auth: Authenticator
     limits: Limits
     webhooks: Webhooks | None = None  # None: webhooks.enabled is off
+    relays: tuple[Relay, ...] = ()  # MQTT, AMQP: the ones configured
 
 
 def context(request: Request) -> Context:

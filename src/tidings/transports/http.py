@@ -221,8 +221,15 @@ async def history(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     hub = context(request).hub
     head = await hub.log.head()
-    body = {"status": "ok", "epoch": hub.log.epoch, "cursor": f"{hub.log.epoch}:{head}",
-            "subscribers": hub.subscriber_count}  # fmt: skip
+    body: dict[str, object] = {"status": "ok", "epoch": hub.log.epoch,
+                               "cursor": f"{hub.log.epoch}:{head}",
+                               "subscribers": hub.subscriber_count}  # fmt: skip
+    relays = context(request).relays
+    if relays:  # without "error": this route is public, and errors name hosts
+        body["relays"] = {
+            relay.name: {k: v for k, v in (await relay.status()).items() if k != "error"}
+            for relay in relays
+        }
     return json_response(orjson.dumps(body), headers={"Cache-Control": "no-store"})
 
 
@@ -238,4 +245,8 @@ async def metrics(request: Request) -> Response:
     webhooks = context(request).webhooks
     if webhooks is not None:
         await webhooks.refresh_metrics()
+    for relay in context(request).relays:
+        status = await relay.status()
+        lag = status.get("lag")
+        m.relay_lag.labels(relay.name).set(lag if isinstance(lag, float) else 0.0)
     return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

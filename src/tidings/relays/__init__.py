@@ -1,0 +1,228 @@
+"""Relays to real brokers (MQTT, AMQP): tidings is a well-behaved client of the broker, never a
+broker itself (docs/relays.md).
+
+Rules:
+- Outbound, a relay is a durable consumer of the log: it reads the events after its cursor
+  (``relay:<name>`` in the log's consumer table) whose channel matches its patterns, hands them
+  to the broker in order, and moves the cursor only once the broker has confirmed them (MQTT
+  PUBACK, AMQP publisher confirm). A broker that goes away is reconnected with backoff and
+  jitter, and delivery resumes from the cursor: nothing is lost, and what is sent twice carries
+  the same cursor (at-least-once).
+- Inbound, each broker message becomes one publish, checked like any other (channel, type,
+  content type, size) and against the relay's own grant (which channels the broker may write).
+- A message a relay sent out carries its cursor (``CURSOR_PROPERTY``); inbound drops such
+  messages, so overlapping patterns never loop an event back in.
+- The system channels (``_tidings/...``) go out only to a relay whose patterns name them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from ..auth import Grant
+from ..backoff import Backoff
+from ..events import Event, Pattern, make_draft, parse_patterns
+from ..exceptions import PayloadTooLarge
+from ..hub import Hub
+from ..log import Log
+from ..metrics import Metrics
+
+logger = logging.getLogger("tidings.relays")
+
+CURSOR_PROPERTY = "tidings-cursor"  # MQTT 5 user property / AMQP header on relayed messages
+
+
+class Link(Protocol):
+    """One connection to a broker, open for the life of its context manager."""
+
+    async def send(self, events: Sequence[Event]) -> None:
+        """Publish ``events`` in order; return once the broker confirmed every one. Raise (any
+        exception) when the connection fails or the broker refuses: the relay reconnects and
+        sends again from its cursor."""
+        ...
+
+
+Connect = Callable[[], AbstractAsyncContextManager[Link]]
+
+
+class Relay(Protocol):
+    """A relay as the server runs it (``relays.mqtt.MQTTRelay``, ``relays.amqp.AMQPRelay``)."""
+
+    name: str
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Relay in both configured directions until ``stopping``; never raises for a broker
+        that is down (it reconnects)."""
+        ...
+
+    async def status(self) -> dict[str, object]:
+        """For ``/healthz`` and ``tidings status``: at least ``connected`` (bool), ``cursor``
+        (the outbound cursor, or None), ``lag`` (seconds, see ``OutboundRelay.lag``) and
+        ``error`` (why the last connection failed, or None)."""
+        ...
+
+
+BACKENDS = {
+    "mqtt": "tidings.relays.mqtt:MQTTRelay",
+    "amqp": "tidings.relays.amqp:AMQPRelay",
+}
+
+
+class OutboundRelay:
+    """Moves events from the log to one broker connection, from a stored cursor on."""
+
+    def __init__(
+        self,
+        name: str,
+        log: Log,
+        connect: Connect,
+        patterns: tuple[Pattern, ...],
+        metrics: Metrics,
+        *,
+        batch: int = 256,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.log = log
+        self.connect = connect
+        self.patterns = patterns
+        self.metrics = metrics
+        self.batch = batch
+        self.backoff = backoff or Backoff(initial=0.2, cap=30.0)
+        self.clock = clock
+        self.connected = False
+        self.cursor = 0
+        self.error: str | None = None  # why the last connection ended
+        self._wake = asyncio.Event()
+        self._sending: float | None = None  # time of the oldest event being sent
+
+    @property
+    def consumer(self) -> str:
+        return f"relay:{self.name}"
+
+    def wake(self) -> None:
+        """New events may be there (called from the log's commit listener)."""
+        self._wake.set()
+
+    def listen(self, events: Sequence[Event]) -> None:
+        """A commit listener: wake when an event for this relay was committed."""
+        if any(p.matches(e.channel) for e in events for p in self.patterns):
+            self._wake.set()
+
+    async def lag(self) -> float:
+        """Seconds since the oldest event not yet confirmed by the broker was published."""
+        now = self.clock()
+        if self._sending is not None:
+            return max(0.0, now - self._sending)
+        waiting = await self.log.read(self.cursor, self.patterns, 1)
+        return max(0.0, now - waiting[0].time) if waiting else 0.0
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Relay until ``stopping``; a new relay starts with the events published from now."""
+        stored = await self.log.get_consumer(self.consumer)
+        if stored is None:
+            stored = await self.log.head()
+            await self.log.set_consumer(self.consumer, stored)
+        self.cursor = stored
+        while not stopping.is_set():
+            try:
+                async with self.connect() as link:
+                    self.connected, self.error = True, None
+                    self.metrics.relay_connected.labels(self.name).set(1)
+                    logger.info("relay %s: connected", self.name)
+                    await self._pump(link, stopping)
+            except Exception as exc:  # the broker's library raises its own kinds: all mean retry
+                self.error = f"{type(exc).__name__}: {exc}"[:300]
+                logger.warning("relay %s: %s; reconnecting", self.name, self.error)
+            finally:
+                self.connected = False
+                self._sending = None
+                self.metrics.relay_connected.labels(self.name).set(0)
+            if not stopping.is_set():
+                await _sleep_unless(stopping, self.backoff.next())
+
+    async def _pump(self, link: Link, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            self._wake.clear()
+            low = await self.log.low()
+            if self.cursor < low:
+                lost = low - self.cursor
+                logger.error(
+                    "relay %s: events %d-%d were removed by retention before they were relayed",
+                    self.name, self.cursor + 1, low,
+                )  # fmt: skip
+                self.metrics.relay_lost.labels(self.name).inc(lost)
+                self.cursor = low
+                await self.log.set_consumer(self.consumer, low)
+            events = await self.log.read(self.cursor, self.patterns, self.batch)
+            if not events:
+                await _wait_either(self._wake, stopping)
+                continue
+            self._sending = events[0].time
+            await link.send(events)
+            self._sending = None
+            self.backoff.reset()  # a confirmed batch: the connection works
+            self.cursor = events[-1].seq
+            await self.log.set_consumer(self.consumer, self.cursor)
+            self.metrics.relay_events.labels(self.name, "out").inc(len(events))
+
+
+class Ingest:
+    """Turns inbound broker messages into publishes, under the relay's own grant."""
+
+    def __init__(self, hub: Hub, name: str, publish: Sequence[str], max_bytes: int) -> None:
+        self.hub = hub
+        self.name = name
+        self.grant = Grant(f"relay:{name}", (), parse_patterns(publish) if publish else ())
+        self.max_bytes = max_bytes
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        content_type: str | None = None,
+        type: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Event:
+        """Publish one inbound message; raises the BadRequest or Forbidden that refuses it
+        (its ``detail`` is the reason to log or dead-letter), or Unavailable when shutting
+        down (not the message's fault: redeliver it later)."""
+        if len(data) > self.max_bytes:
+            raise PayloadTooLarge(
+                f"message is {len(data)} bytes; the limit is {self.max_bytes} "
+                "(http.max_event_bytes)"
+            )
+        draft = make_draft(channel, data, content_type=content_type, type=type,
+                           idempotency_key=idempotency_key)  # fmt: skip
+        self.grant.check_publish(draft.channel)
+        [appended] = await self.hub.publish([draft])
+        self.hub.metrics.relay_events.labels(self.name, "in").inc()
+        return appended.event
+
+    def dropped(self, reason: str, detail: str) -> None:
+        """Count and log a message refused for good (``reason`` is a short metric label)."""
+        self.hub.metrics.relay_dropped.labels(self.name, reason).inc()
+        logger.warning("relay %s: message dropped (%s): %s", self.name, reason, detail)
+
+
+async def _wait_either(event: asyncio.Event, stopping: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stopping.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+async def _sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stopping.wait()
