@@ -223,3 +223,30 @@ def test_bad_url_is_a_configuration_error_exit_2(command: Sequence[str], how: st
 )
 def test_bad_usage_exits_2(args: Sequence[str]) -> None:
     assert tidings(*args).returncode == 2
+
+
+def test_status_shows_the_cursor_and_subscribers(server: RunningServer) -> None:
+    publish(server, "orders/1", b"1")
+    result = tidings("status", "--url", server.url)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.decode().splitlines()  # no relay configured: no relay lines
+    assert line.startswith(f"{server.url}: ok  cursor {head(server)}  subscribers 0")
+    as_json = tidings("status", "--json", "--url", server.url)
+    assert orjson.loads(as_json.stdout)["cursor"] == head(server)
+
+
+def test_status_of_an_unreachable_server_exits_1() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = tidings("status", "--url", url)
+    assert result.returncode == 1
+    [message] = result.stderr.decode().splitlines()
+    assert message.startswith(f"tidings: cannot read {url}/healthz")
+
+
+def test_serve_refuses_a_relay_url_of_the_wrong_scheme() -> None:
+    result = tidings("serve", "--port", "0", "--mqtt", "http://127.0.0.1:1883")
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == (
+        "tidings: configuration error: mqtt.url must start with mqtt:// or mqtts://, "
+        "not 'http://127.0.0.1:1883'"
+    )
