@@ -827,3 +827,16 @@ def test_nobody_publishes_to_the_servers_own_channels() -> None:
     with pytest.raises(Forbidden, match=r"channel '_tidings/webhooks/x' is reserved"):
         ANONYMOUS.check_publish("_tidings/webhooks/x")
     ANONYMOUS.check_publish("tidings/webhooks/x")
+
+
+def test_a_grant_of_everything_does_not_cover_the_servers_own_channels() -> None:
+    from tidings.auth.grants import Grant
+
+    everything = Grant("u", (Pattern.parse("**"),), ())
+    system = Pattern.parse("_tidings/webhooks/*")
+    assert not everything.may_subscribe(system)
+    assert not everything.may_subscribe(Pattern.parse("_tidings/**"))
+    assert everything.may_subscribe(Pattern.parse("*/webhooks/*"))  # matches no system channel
+    named = Grant("u", (Pattern.parse("_tidings/webhooks/**"),), ())
+    assert named.may_subscribe(system)
+    assert Grant("admin", (), (), admin=True).may_subscribe(system)

@@ -1,7 +1,9 @@
 """Grants: which channels a credential may subscribe and publish to, with exact containment.
 
 A subscription pattern is allowed iff every channel it can match is matched by a granted
-pattern; the test works segment by segment, never on the text.
+pattern; the test works segment by segment, never on the text. The server's own channels
+(``_tidings/...``) are matched only by patterns naming ``_tidings``, so ``**`` does not grant
+them; an admin grant does.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def contains(outer: Pattern, inner: Pattern) -> bool:
     later than that. Wildcards can stand for a segment named nowhere in outer, which is why an
     inner ``*`` is never covered by a literal.
     """
+    if inner.segments[0] == SYSTEM and outer.segments[0] != SYSTEM:
+        return False  # only a pattern naming "_tidings" matches the system channels
     outer_fixed, outer_tail = _split(outer)
     inner_fixed, inner_tail = _split(inner)
     if outer_tail:
@@ -86,6 +90,10 @@ class Grant:
     expires: float | None = None  # unix seconds
 
     def may_subscribe(self, pattern: Pattern) -> bool:
+        """An admin may also watch the server's own channels (``_tidings/...``); others need
+        a grant that names them."""
+        if self.admin and pattern.segments[0] == SYSTEM:
+            return True
         return covers(self.subscribe, pattern)
 
     def may_publish(self, channel: str) -> bool:
