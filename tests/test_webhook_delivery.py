@@ -117,7 +117,9 @@ class Run:
         self.stored[retry.seq] = retry
         self.handed.append(retry)
 
-    async def settled(self, endpoint: Endpoint, seq: int, number: int, failure: str | None) -> None:
+    async def settled(
+        self, endpoint: Endpoint, seq: int, attempts: int, failure: str | None
+    ) -> None:
         self.stored.pop(seq, None)
         if failure is not None:
             self.failed.append(f"{self.log.epoch}:{seq}")
@@ -177,14 +179,14 @@ async def test_every_matching_event_is_delivered_signed_with_its_cursor(log: Mem
         await publish(log, "users/1", 2)  # not for this endpoint
         async with delivering(log, hook) as run:
             await until(lambda: len(receiver.requests) == 3)
-            await until(lambda: run.running.cursor == events[-1].seq)
+            await until(lambda: run.running.cursor == 5)  # past users/1's: nothing there for it
     assert [r.headers["webhook-id"] for r in receiver.requests] == [e.cursor for e in events]
     for request, event in zip(receiver.requests, events, strict=True):
         assert request.body == event.json()  # the same envelope as every transport
         stamp = int(request.headers["webhook-timestamp"])
         expected = sign(parse_secret(secret), event.cursor, stamp, request.body)
         assert request.headers["webhook-signature"] == expected
-    assert await log.get_consumer("webhook:ep1") == events[-1].seq
+    assert await log.get_consumer("webhook:ep1") == 5
 
 
 async def test_failures_are_retried_with_the_same_id_until_a_2xx(log: MemoryLog) -> None:
@@ -356,3 +358,24 @@ async def test_the_rate_limit_spaces_attempts(log: MemoryLog) -> None:
     starts = sorted(a.time for a in run.attempts)
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert min(gaps) >= 0.04  # 1/20 s apart, less scheduling slack
+
+
+async def test_retention_of_other_channels_events_is_no_loss() -> None:
+    log = MemoryLog(max_events=2)
+    await log.open()
+    try:
+        async with (
+            receiving(Receiver()) as receiver,
+            delivering(log, endpoint(receiver.url)) as run,
+        ):
+            for seq in range(1, 6):  # not this endpoint's: it reads past them
+                await publish(log, "users/1", 1)
+                await until(lambda seq=seq: run.running.cursor == seq)
+            assert await log.low() == 3  # retention removed 1-3 (the memory log, at once)
+            [event] = await publish(log, "orders/1", 1)
+            await until(lambda: run.running.cursor == event.seq)
+        assert run.lost_ranges == []
+        assert [r.headers["webhook-id"] for r in receiver.requests] == [event.cursor]
+        assert receiver.requests[0].headers["user-agent"].startswith("tidings-webhooks/")
+    finally:
+        await log.close()

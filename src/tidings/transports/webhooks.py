@@ -45,9 +45,10 @@ def _time(t: float | None) -> str | None:
     return None if t is None else format_time(t)
 
 
-def view(webhooks: Webhooks, endpoint: Endpoint) -> dict[str, Any]:
+async def view(webhooks: Webhooks, endpoint: Endpoint) -> dict[str, Any]:
     health = endpoint.health
-    cursor = webhooks.cursor_of(endpoint.id)
+    cursor = await webhooks.cursor_of(endpoint.id)
+    now = webhooks.clock()
     return {
         "id": endpoint.id,
         "url": endpoint.url,
@@ -64,7 +65,9 @@ def view(webhooks: Webhooks, endpoint: Endpoint) -> dict[str, Any]:
         "strict_order": endpoint.strict_order,
         "timeout": endpoint.timeout,
         "secrets": [
-            {"created": _time(s.created), "expires": _time(s.expires)} for s in endpoint.secrets
+            {"created": _time(s.created), "expires": _time(s.expires)}
+            for s in endpoint.secrets
+            if s.live(now)
         ],
         "cursor": None if cursor is None else f"{webhooks.log.epoch}:{cursor}",
         "created": _time(endpoint.created),
@@ -156,15 +159,17 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
             raise BadRequest(f"header {name[:40]!r} must be a token name with a string value")
         if name.lower() in RESERVED_HEADERS:
             raise BadRequest(f"header {name!r} is set by tidings itself and cannot be overridden")
-        if any(c in text for c in "\r\n\0") or len(text) > 4096:
-            raise BadRequest(f"header {name!r} has a value with a line break or over 4096 bytes")
+        if not all(" " <= c <= "~" or c == "\t" for c in text) or len(text) > 4096:
+            raise BadRequest(
+                f"header {name!r} must have a value of printable ASCII, at most 4096 characters"
+            )
         out.append((name, text))
     return tuple(out)
 
 
 async def list_endpoints(request: Request) -> Response:
     webhooks, _ = _service(request)
-    return _answer({"endpoints": [view(webhooks, e) for e in webhooks.endpoints()]})
+    return _answer({"endpoints": [await view(webhooks, e) for e in webhooks.endpoints()]})
 
 
 async def create_endpoint(request: Request) -> Response:
@@ -181,14 +186,14 @@ async def create_endpoint(request: Request) -> Response:
     endpoint, secret = await webhooks.create(draft)
     if not enabled:
         endpoint = await webhooks.update(endpoint.id, {"enabled": False})
-    return _answer({**view(webhooks, endpoint), "secret": secret}, 201)
+    return _answer({**await view(webhooks, endpoint), "secret": secret}, 201)
 
 
 async def get_endpoint(request: Request) -> Response:
     webhooks, _ = _service(request)
     endpoint = webhooks.get(request.path_params["id"])
     replays = [r.view() for r in webhooks.replays(endpoint.id)]
-    return _answer({**view(webhooks, endpoint), "replays": replays})
+    return _answer({**await view(webhooks, endpoint), "replays": replays})
 
 
 async def update_endpoint(request: Request) -> Response:
@@ -196,12 +201,15 @@ async def update_endpoint(request: Request) -> Response:
     id = request.path_params["id"]
     webhooks.get(id)
     changes = _changes(await _object(request, ENDPOINT_FIELDS))
-    return _answer(view(webhooks, await webhooks.update(id, changes)))
+    return _answer(await view(webhooks, await webhooks.update(id, changes)))
 
 
 async def delete_endpoint(request: Request) -> Response:
     webhooks, _ = _service(request)
-    return _answer(view(webhooks, await webhooks.delete(request.path_params["id"])))
+    id = request.path_params["id"]
+    shown = await view(webhooks, webhooks.get(id))  # as it was: gone once deleted
+    await webhooks.delete(id)
+    return _answer(shown)
 
 
 async def rotate_secret(request: Request) -> Response:
@@ -218,7 +226,7 @@ async def rotate_secret(request: Request) -> Response:
             raise BadRequest("secret must be a string (whsec_ + base64)")
         parse_secret(secret)  # raises naming what is wrong with it
     endpoint, made = await webhooks.rotate(id, grace, secret)
-    return _answer({**view(webhooks, endpoint), "secret": made})
+    return _answer({**await view(webhooks, endpoint), "secret": made})
 
 
 def _attempt(webhooks: Webhooks, attempt: StoredAttempt) -> dict[str, Any]:

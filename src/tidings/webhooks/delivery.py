@@ -23,6 +23,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -32,6 +33,7 @@ from typing import Any, Literal, Protocol
 
 import httpx
 
+from .. import __version__
 from ..events import Event, Pattern, parse_patterns
 from ..exceptions import TidingsError
 from ..log import Log
@@ -42,6 +44,10 @@ logger = logging.getLogger("tidings.webhooks")
 
 RESPONSE_HEAD = 1024  # bytes of a response body kept in the attempt log
 MAX_RETRYING = 1000  # events of one endpoint waiting for a retry before reading stops
+IDLE_TICK = 1.0  # an idle worker moves its read position to the head this often
+LAZY_SAVE = 60.0  # and stores a cursor moved that way at most this often
+
+USER_AGENT = f"tidings-webhooks/{__version__} (+https://www.standardwebhooks.com/)"
 
 Trigger = Literal["delivery", "replay"]
 
@@ -151,9 +157,11 @@ class Reporter(Protocol):
         """Store ``retry``; the cursor moves past its event only after this returns."""
         ...
 
-    async def settled(self, endpoint: Endpoint, seq: int, number: int, failure: str | None) -> None:
-        """Event ``seq`` is delivered (``failure`` None) or failed for good after attempt
-        ``number``; drop its stored retry if it had one (``number`` > 0)."""
+    async def settled(
+        self, endpoint: Endpoint, seq: int, attempts: int, failure: str | None
+    ) -> None:
+        """Event ``seq`` is delivered (``failure`` None) or failed for good after ``attempts``
+        attempts; drop its stored retry if it had one (a failure, or more than one attempt)."""
         ...
 
     async def attempted(self, attempt: Attempt) -> None: ...
@@ -202,6 +210,8 @@ class EndpointWorker:
         self._read = 0  # the last event read (handed out or skipped)
         self.cursor = 0  # every matching event up to here is settled or in the retry table
         self._saved = 0
+        self._saved_at = 0.0  # monotonic time of the last cursor write
+        self.loaded = False  # the stored cursor has been read (``cursor`` is meaningful)
         self._saving: asyncio.Task[None] | None = None
         self._tasks: asyncio.TaskGroup | None = None  # set while running
         self._jobs: set[asyncio.Task[None]] = set()  # its tasks, to cancel on disable
@@ -228,6 +238,7 @@ class EndpointWorker:
             stored = start
             await self.log.set_consumer(endpoint.consumer, stored)
         self.cursor = self._saved = self._read = stored
+        self.loaded = True
         waiting = {r.seq: r for r in await self.reporter.retries(endpoint.id)}
         width = 1 if endpoint.strict_order else max(1, endpoint.concurrency)
         self._slots = asyncio.Semaphore(width)
@@ -260,9 +271,19 @@ class EndpointWorker:
                 await self.reporter.lost(self.endpoint, read_after, low)
                 read_after = self._read = low
                 self._advance()
+            head = await self.log.head()
             page = await self.log.read(read_after, patterns, width * 4)
             if not page:
-                await self._wake.wait()
+                # Nothing for this endpoint through ``head``; and while no wake comes, nothing
+                # after it either (every matching commit wakes the worker before its append
+                # returns). So the read position follows the head: retention that trims
+                # other channels' events past it is no loss to report.
+                while True:
+                    read_after = self._read = max(read_after, head)
+                    self._advance(lazy=True)
+                    if await self._woken(IDLE_TICK):
+                        break
+                    head = await self.log.head()
                 continue
             for event in page:
                 await self._slots.acquire()
@@ -283,6 +304,13 @@ class EndpointWorker:
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
         return task
+
+    async def _woken(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a wake; whether one came."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        return self._wake.is_set()
 
     async def _resume(self, retry: Retry) -> None:
         """A retry stored before a restart: fetch its event and carry on where it was."""
@@ -317,12 +345,12 @@ class EndpointWorker:
                     held = True
                 outcome = await self.attempt(event, number)
                 if outcome.verdict is Verdict.DELIVERED:
-                    return await self._settle(seq, number, None)
+                    return await self._settle(seq, number + 1, None)
                 if outcome.verdict is Verdict.GONE or self.disabled:
                     return  # not settled: it goes again from the cursor once re-enabled
                 delay = self.schedule.next_delay(number, outcome, self.jitter)
                 if delay is None:
-                    return await self._settle(seq, number, outcome.reason)
+                    return await self._settle(seq, number + 1, outcome.reason)
                 number += 1
                 due = self.clock() + delay
                 await self.reporter.retrying(self.endpoint, Retry(seq, number, due))
@@ -339,6 +367,8 @@ class EndpointWorker:
         headers = dict(endpoint.headers)
         headers.update(webhook_headers(endpoint.keys(started), event.cursor, int(started), body))
         headers["content-type"] = "application/json"
+        headers["user-agent"] = USER_AGENT
+        headers["accept-encoding"] = "identity"  # the attempt log keeps the body's first bytes
         response = await self.send(endpoint.url, body, headers, endpoint.timeout)
         finished = self.clock()
         outcome = judge(response.status, response.error, response.retry_after, finished)
@@ -370,19 +400,23 @@ class EndpointWorker:
             if after.health is Health.DISABLED:
                 self._wake.set()  # the reading loop notices and stops
 
-    async def _settle(self, seq: int, number: int, failure: str | None) -> None:
-        await self.reporter.settled(self.endpoint, seq, number, failure)
+    async def _settle(self, seq: int, attempts: int, failure: str | None) -> None:
+        await self.reporter.settled(self.endpoint, seq, attempts, failure)
         if self._pending.pop(seq, None) is not None:
             self._advance()
         elif self._retrying.pop(seq, None) is not None:
             self._wake.set()  # reading may have stopped at max_retrying
 
-    def _advance(self) -> None:
-        """Move the cursor up to the oldest event still pending, and write it behind."""
+    def _advance(self, lazy: bool = False) -> None:
+        """Move the cursor up to the oldest event still pending, and write it behind (when
+        ``lazy``, only if the last write is ``LAZY_SAVE`` old: an idle endpoint following the
+        head needs no write per tick; a restart then reads a little more to find nothing)."""
         cursor = min(self._pending) - 1 if self._pending else self._read
         if cursor <= self.cursor:
             return
         self.cursor = cursor
+        if lazy and time.monotonic() - self._saved_at < LAZY_SAVE:
+            return
         if self._tasks is not None and (self._saving is None or self._saving.done()):
             self._saving = self._spawn(self._save())
 
@@ -390,7 +424,7 @@ class EndpointWorker:
         while self._saved < self.cursor:
             cursor = self.cursor
             await self.log.set_consumer(self.endpoint.consumer, cursor)
-            self._saved = cursor
+            self._saved, self._saved_at = cursor, time.monotonic()
 
 
 class HttpSender:
@@ -419,3 +453,5 @@ class HttpSender:
             return Response(None, f"{type(exc).__name__}: {exc}"[:300])
         except TidingsError as exc:  # ssrf.BlockedAddress, InvalidEndpoint: a failed attempt
             return Response(None, f"{exc.code}: {exc.detail}"[:300])
+        except (UnicodeError, ValueError) as exc:  # a header httpx cannot encode, say
+            return Response(None, f"cannot send the request: {exc}"[:300])

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from ..config import WebhookSettings, schedule_seconds
-from ..events import SYSTEM, Cursor, Event, format_time, make_draft
+from ..events import SYSTEM, Cursor, Event, format_time, is_system, make_draft
 from ..exceptions import BadRequest, Conflict, InvalidCursor, NotFound, Unavailable
 from ..hub import Hub
 from ..log import Log
@@ -220,7 +220,9 @@ class Webhooks:
     async def _trim_loop(self, stopping: asyncio.Event) -> None:
         async for _ in every(TRIM_INTERVAL, stopping):
             try:
-                await self.store.trim(self.clock() - self.settings.attempt_retention)
+                await self.store.trim(
+                    self.clock() - self.settings.attempt_retention, await self.log.low()
+                )
             except Exception:
                 logger.exception("trimming the webhook attempt log failed")
 
@@ -246,21 +248,23 @@ class Webhooks:
     async def retrying(self, endpoint: Endpoint, retry: Retry) -> None:
         await self.store.set_retry(endpoint.id, retry)
 
-    async def settled(self, endpoint: Endpoint, seq: int, number: int, failure: str | None) -> None:
+    async def settled(
+        self, endpoint: Endpoint, seq: int, attempts: int, failure: str | None
+    ) -> None:
         if failure is None:
-            if number > 0:
+            if attempts > 1:  # it waited in the retry table
                 await self.store.settle(endpoint.id, seq, None)
             return
         await self.store.settle(endpoint.id, seq, Failed(seq, self.clock(), failure))
         self.metrics.webhook_failed.labels(endpoint.id).inc()
         event = await self._event(seq)
-        if event is not None and event.channel.startswith(SYSTEM + "/"):
+        if event is not None and is_system(event.channel):
             return  # see the module doc: no loop through an endpoint's own channel
         await self._announce(
             endpoint,
             "webhook.attempt_exhausted",
             event=self._cursor(seq),
-            attempts=number + 1,
+            attempts=attempts,
             reason=failure,
         )
 
@@ -280,7 +284,11 @@ class Webhooks:
             await self._announce(current, "webhook.endpoint_disabled", reason=health.reason)
         elif health.health is Health.HEALTHY and before.health is Health.FAILING:
             since = before.failing_since
-            await self._announce(current, "webhook.endpoint_recovered", failing_since=since)
+            await self._announce(
+                current,
+                "webhook.endpoint_recovered",
+                failing_since=None if since is None else format_time(since),
+            )
 
     async def lost(self, endpoint: Endpoint, after: int, low: int) -> None:
         logger.warning(
@@ -330,9 +338,12 @@ class Webhooks:
             raise NotFound(f"no webhook endpoint {id!r}")
         return endpoint
 
-    def cursor_of(self, id: str) -> int | None:
+    async def cursor_of(self, id: str) -> int | None:
+        """Where endpoint ``id`` is: its worker's cursor, else the stored one."""
         running = self._running.get(id)
-        return None if running is None else running.worker.cursor
+        if running is not None and running.worker.loaded and not running.task.done():
+            return running.worker.cursor
+        return await self.log.get_consumer(self.get(id).consumer)
 
     async def create(self, endpoint: Endpoint) -> tuple[Endpoint, str]:
         """Register ``endpoint`` (its id, secrets and times are made here); returns it and its
@@ -463,6 +474,11 @@ class Webhooks:
                 raise BadRequest(
                     f"event {event.cursor} is on {event.channel!r}, which is not one of this "
                     f"endpoint's channels ({', '.join(endpoint.channels)})"
+                )
+            if not endpoint.wants(event):
+                raise BadRequest(
+                    f"event {event.cursor} has type {event.type!r}, which is not one of this "
+                    f"endpoint's types ({', '.join(endpoint.types)})"
                 )
             return [event]
         chosen: list[Event] = []

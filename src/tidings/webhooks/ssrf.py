@@ -222,7 +222,7 @@ class AddressPolicy:
 
     def __init__(self, allowed: Iterable[Network | str] = (), *, allow_http: bool = False) -> None:
         self.allowed: tuple[Network, ...] = tuple(
-            ipaddress.ip_network(network) if isinstance(network, str) else network
+            ipaddress.ip_network(network, strict=False) if isinstance(network, str) else network
             for network in allowed
         )
         self.allow_http = allow_http

@@ -319,8 +319,14 @@ class WebhookStore:
         rows = await self._on(lambda: self._db().execute(sql, (*args, limit)).fetchall())
         return [StoredAttempt(*row) for row in rows]
 
-    async def trim(self, before: float) -> int:
-        """Remove attempts older than ``before`` (unix seconds); returns how many."""
-        sql = "DELETE FROM webhook_attempts WHERE time < ?"
-        removed: int = await self._on(lambda: self._db().execute(sql, (before,)).rowcount)
+    async def trim(self, before: float, low: int = 0) -> int:
+        """Remove attempts older than ``before`` (unix seconds), and failed marks of events
+        retention removed (``seq <= low``: nothing is left to replay); returns the attempts
+        removed."""
+        return await self._on(self._trim_sync, before, low)
+
+    def _trim_sync(self, before: float, low: int) -> int:
+        db = self._db()
+        db.execute("DELETE FROM webhook_failed WHERE seq <= ?", (low,))
+        removed: int = db.execute("DELETE FROM webhook_attempts WHERE time < ?", (before,)).rowcount
         return removed
