@@ -40,6 +40,14 @@ def _banner(node: object) -> None:
     else:
         auth = "OFF - anyone who can connect may publish and subscribe"
     ws_url = "ws" + url.removeprefix("http")  # https -> wss
+    webhook_line = ""
+    if node.context.webhooks is not None:
+        webhook_line = f"  webhooks  {url}/webhooks   (admin API, docs/webhooks.md)\n"
+    relay_lines = "".join(
+        f"  relay     {relay.name} -> {getattr(s, relay.name).url.split('@')[-1]}   "
+        "(docs/relays.md)\n"
+        for relay in node.context.relays
+    )
     grpc_line = ""
     if node.grpc is not None and node.grpc.port is not None:
         grpc_line = f"  gRPC           {node.grpc.host}:{node.grpc.port}   (docs/grpc.md)\n"
@@ -52,6 +60,7 @@ def _banner(node: object) -> None:
         f"  SSE       GET  {url}/sse?channel=PATTERN[&since=CURSOR]\n"
         f"  poll      GET  {url}/poll?channel=PATTERN[&since=CURSOR][&wait=SECONDS]\n"
         f"  history   GET  {url}/history?channel=PATTERN[&since=CURSOR]\n"
+        f"{webhook_line}{relay_lines}"
         f"  health    GET  {url}/healthz   metrics: {url}/metrics   API: {url}/openapi.json\n"
         f"\n"
         f"Try it:\n"
