@@ -348,6 +348,9 @@ class Tidings:
                     tasks.create_task(self._drain_grpc(self.grpc))
                 if self.context.webhooks is not None:
                     tasks.create_task(self.context.webhooks.run(self._stopping))
+                    # Before serving, so the admin API works once the node says it is up (if
+                    # the service fails, the TaskGroup cancels this wait and raises its error).
+                    await self.context.webhooks.ready.wait()
                 for relay in self.context.relays:
                     tasks.create_task(relay.run(self._stopping))
                 if auth.api_keys is not None:

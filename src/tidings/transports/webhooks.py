@@ -29,7 +29,8 @@ MAX_HEADERS = 32
 NO_STORE = {"Cache-Control": "no-store"}
 # Headers a custom header may not set: they are the request's own, or the signature's.
 RESERVED_HEADERS = {"host", "content-type", "content-length", "transfer-encoding", "connection",
-                    "webhook-id", "webhook-timestamp", "webhook-signature"}  # fmt: skip
+                    "webhook-id", "webhook-timestamp", "webhook-signature", "user-agent",
+                    "accept-encoding"}  # fmt: skip
 
 
 def _service(request: Request, query: tuple[str, ...] = ()) -> tuple[Webhooks, Query]:
@@ -317,6 +318,10 @@ async def replay(request: Request) -> Response:
         end=end,
         failed_only=spec.get("failed_only", False),
     )
+    if selection.until is not None and selection.until < selection.after:
+        raise BadRequest("until must not come before since")
+    if start is not None and end is not None and end < start:
+        raise BadRequest("to must not come before from")
     if spec.get("dry_run", False):
         return _answer({"events": len(await webhooks.select(id, selection))})
     started: Replay = await webhooks.replay(id, selection, rate)

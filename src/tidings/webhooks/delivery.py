@@ -364,7 +364,7 @@ class EndpointWorker:
         endpoint = self.endpoint
         body = event.json()
         started = self.clock()
-        headers = dict(endpoint.headers)
+        headers = {name.lower(): value for name, value in endpoint.headers}  # ours win below
         headers.update(webhook_headers(endpoint.keys(started), event.cursor, int(started), body))
         headers["content-type"] = "application/json"
         headers["user-agent"] = USER_AGENT

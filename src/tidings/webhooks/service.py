@@ -120,6 +120,7 @@ class Webhooks:
         self._router: Router[str] = Router()
         self._tasks: asyncio.TaskGroup | None = None
         self._replaying: set[asyncio.Task[None]] = set()
+        self.ready = asyncio.Event()  # set once endpoints are loaded and the API may change them
 
     @property
     def log(self) -> Log:
@@ -141,6 +142,7 @@ class Webhooks:
                     for endpoint in await self.store.endpoints():
                         self._add(endpoint)
                     self.log.listen(self._on_commit)
+                    self.ready.set()
                     await stopping.wait()
                     self._tasks = None
                     for running in self._running.values():
