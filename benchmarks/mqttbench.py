@@ -20,6 +20,10 @@ numbers are for the machine, not the relay alone.
   duplicates are counted by the ``tidings-cursor`` user property. (Mosquitto queues at most
   ``max_queued_messages``, 1000 by default, for a subscriber that falls behind, and drops the
   rest: ``missing`` then counts the subscriber's shortfall, not the relay's.)
+- **link** (``--link-only``, instead of the above): no server; this process drives the relay's
+  own ``MQTTLink.send`` (the part that turns logged events into PUBACKed messages) over 256-event
+  batches, as the relay does, and reports events/s and this process's CPU per event: what the
+  MQTT client (aiomqtt, paho) and the relay cost, without HTTP and the log.
 - **latency**: single-event publishes paced at ``--rate`` for ``--seconds``; each event's data
   carries ``time.time_ns()`` taken before its request is written, and the subscriber subtracts
   it from ``time.time_ns()`` at receipt (same host clock): p50/p90/p99/max.
@@ -217,7 +221,36 @@ async def latency(args: argparse.Namespace, server: Server, sub: Subscriber) -> 
     }
 
 
+async def link_only(args: argparse.Namespace) -> int:
+    from tidings.brokers.memory import MemoryBroker
+    from tidings.config import MQTTSettings
+    from tidings.events import Event
+    from tidings.hub import Hub
+    from tidings.log.memory import MemoryLog
+    from tidings.relays.mqtt import MQTTRelay
+
+    settings = MQTTSettings(url=args.url, protocol=args.protocol, inbound_prefix="",
+                            prefix=f"mqttbench-{uuid.uuid4().hex[:8]}")  # fmt: skip
+    relay = MQTTRelay(Hub(MemoryLog(), MemoryBroker()), settings, 1 << 20)
+    data = orjson.dumps(payload(args.payload))
+    now = time.time()
+    events = [Event("bench", i + 1, CHANNEL, "message", data, "application/json", now)
+              for i in range(args.events)]  # fmt: skip
+    async with relay._connect() as link:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for start in range(0, len(events), 256):  # OutboundRelay's batch
+            await link.send(events[start : start + 256])
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"link: {args.events} events, window {link.window} (the broker's Receive Maximum)")
+    print(f"  {'link_confirmed_per_s':32} {round(args.events / wall)}")
+    print(f"  {'client_cpu_us_per_event':32} {round(1e6 * cpu / args.events, 1)}")
+    print(f"  {'client_cpu_util':32} {round(cpu / wall, 3)}")
+    return 0
+
+
 async def main(args: argparse.Namespace) -> int:
+    if args.link_only:
+        return await link_only(args)
     prefix = f"mqttbench-{uuid.uuid4().hex[:8]}"
     host, _, port = args.url.removeprefix("mqtt://").partition(":")
     sub = Subscriber()
@@ -263,6 +296,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--durability", default="normal", choices=("normal", "full"))
+    p.add_argument("--link-only", action="store_true", help="measure MQTTLink.send alone")
     p.add_argument("--on-start", help="run this once the server is up, e.g. a profiler: "
                    "'py-spy record --format raw -o /tmp/mqtt.txt --pid {pid}'")  # fmt: skip
     args = p.parse_args(argv)
