@@ -160,6 +160,7 @@ def build_app(hub: Hub, settings: Settings, auth: Authenticator | None = None) -
         auth,
         Limits(settings.limits),
         make_webhooks(hub, settings),
+        make_relays(hub, settings),
     )
     return app
 
