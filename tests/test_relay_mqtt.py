@@ -36,10 +36,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
-from brokers import TCPProxy, require_service, service_listening
+from brokers import TCPProxy, require_service, service_listening, wire_relays
 from conftest import RunningServer, make_settings
 from streaming import SSEClient, envelope
-from tidings import server as server_module
 from tidings.brokers.memory import MemoryBroker
 from tidings.config import MQTTSettings
 from tidings.events import Cursor, Event
@@ -239,21 +238,9 @@ def unique(name: str) -> str:
 
 
 @pytest.fixture
-def servers(
-    mosquitto: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., RunningServer]]:
+def servers(mosquitto: None, tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
     """Start tidings nodes with the MQTT relay; overrides as in ``make_server``."""
-    original = server_module.build_app
-
-    def build_app(hub: Any, settings: Any, auth: Any = None) -> Any:
-        app = original(hub, settings, auth)
-        context = app.state.tidings
-        if not context.relays:  # server.build_app does not wire make_relays() in (yet)
-            relays = server_module.make_relays(hub, settings)
-            app.state.tidings = dataclasses.replace(context, relays=relays)
-        return app
-
-    monkeypatch.setattr(server_module, "build_app", build_app)
+    undo = wire_relays()  # until server.build_app passes make_relays() to its Context
     started: list[RunningServer] = []
 
     def start(**overrides: Any) -> RunningServer:
@@ -262,9 +249,12 @@ def servers(
         started.append(node)
         return node
 
-    yield start
-    for node in reversed(started):
-        node.stop()
+    try:
+        yield start
+    finally:
+        for node in reversed(started):
+            node.stop()
+        undo()
 
 
 @asynccontextmanager
