@@ -346,3 +346,21 @@ def test_grpc_tls_needs_both_files_and_a_valid_port() -> None:
         config.load(None, environ={"TIDINGS_GRPC_PORT": "70000"})
     settings = config.load(None, environ={"TIDINGS_GRPC_ENABLED": "no"})
     assert settings.grpc.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TIDINGS_AMQP_CHANNELS": "a/**/b"}, "amqp.channels: pattern 'a/**/b' has '**' before"),
+        ({"TIDINGS_MQTT_RETAIN": "x*"}, "mqtt.retain: pattern 'x*' has a partial wildcard"),
+        (
+            {"TIDINGS_AMQP_URL": "amqp://h/", "TIDINGS_AMQP_EXCHANGE": ""},
+            "amqp.exchange must name an exchange (RabbitMQ refuses '')",
+        ),
+        ({"TIDINGS_MQTT_QOS": "2"}, "mqtt.qos must be 0 or 1 (QoS 2 is not supported)"),
+    ],
+)
+def test_relay_settings_are_checked(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, environ)
+    assert caught.value.detail.startswith(message)

@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .exceptions import ConfigError
+from .events import parse_patterns
+from .exceptions import BadRequest, ConfigError
 
 # Variables read elsewhere (by the CLI and the client), not configuration keys.
 NON_CONFIG_VARIABLES = {"TIDINGS_CONFIG", "TIDINGS_URL", "TIDINGS_TOKEN", "TIDINGS_GRPC_TARGET"}
@@ -380,6 +381,22 @@ def _check(settings: Settings) -> None:
     amqp = settings.amqp
     if amqp.url and not amqp.url.startswith(("amqp://", "amqps://")):
         raise ConfigError(f"amqp.url must start with amqp:// or amqps://, not {amqp.url[:40]!r}")
+    for section, key in (("mqtt", "channels"), ("mqtt", "retain"), ("mqtt", "inbound_publish"),
+                         ("amqp", "channels"), ("amqp", "inbound_publish")):  # fmt: skip
+        patterns = getattr(getattr(settings, section), key)
+        try:
+            if patterns:
+                parse_patterns(patterns)
+        except BadRequest as exc:
+            raise ConfigError(f"{section}.{key}: {exc.detail}") from None
+    if amqp.url:
+        used = [("exchange", bool(amqp.channels))]
+        used += [
+            (k, bool(amqp.inbound_queue)) for k in ("inbound_exchange", "dead_letter_exchange")
+        ]
+        for key, needed in used:
+            if needed and not getattr(amqp, key):
+                raise ConfigError(f"amqp.{key} must name an exchange (RabbitMQ refuses '')")
     grpc = settings.grpc
     if bool(grpc.tls_cert_file) != bool(grpc.tls_key_file):
         raise ConfigError("grpc.tls_cert_file and grpc.tls_key_file go together: set both or none")

@@ -35,6 +35,7 @@ from ..metrics import Metrics
 
 logger = logging.getLogger("tidings.relays")
 
+LAZY_SAVE = 60.0  # seconds between stores of a cursor moved past other channels' events only
 CURSOR_PROPERTY = "tidings-cursor"  # MQTT 5 user property / AMQP header on relayed messages
 
 
@@ -102,6 +103,8 @@ class OutboundRelay:
         self.error: str | None = None  # why the last connection ended
         self._wake = asyncio.Event()
         self._sending: float | None = None  # time of the oldest event being sent
+        self._saved = 0  # the cursor as stored
+        self._saved_at = 0.0  # monotonic time of the last store
 
     @property
     def consumer(self) -> str:
@@ -126,13 +129,15 @@ class OutboundRelay:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until ``stopping``; a new relay starts with the events published from now."""
-        stored = await self.log.get_consumer(self.consumer)
-        if stored is None:
-            stored = await self.log.head()
-            await self.log.set_consumer(self.consumer, stored)
-        self.cursor = stored
+        loaded = False
         while not stopping.is_set():
             try:
+                if not loaded:  # in the loop: a log that fails here is retried, not fatal
+                    stored = await self.log.get_consumer(self.consumer)
+                    if stored is None:
+                        stored = await self.log.head()
+                        await self.log.set_consumer(self.consumer, stored)
+                    self.cursor, self._saved, loaded = stored, stored, True
                 async with self.connect() as link:
                     self.connected, self.error = True, None
                     self.metrics.relay_connected.labels(self.name).set(1)
@@ -161,17 +166,33 @@ class OutboundRelay:
                 self.metrics.relay_lost.labels(self.name).inc(lost)
                 self.cursor = low
                 await self.log.set_consumer(self.consumer, low)
+            head = await self.log.head()
             events = await self.log.read(self.cursor, self.patterns, self.batch)
-            if not events:
-                await _wait_either(self._wake, stopping)
-                continue
-            self._sending = events[0].time
-            await link.send(events)
-            self._sending = None
-            self.backoff.reset()  # a confirmed batch: the connection works
-            self.cursor = events[-1].seq
-            await self.log.set_consumer(self.consumer, self.cursor)
-            self.metrics.relay_events.labels(self.name, "out").inc(len(events))
+            if events:
+                self._sending = events[0].time
+                await link.send(events)
+                self._sending = None
+                self.backoff.reset()  # a confirmed batch: the connection works
+                self.metrics.relay_events.labels(self.name, "out").inc(len(events))
+            if len(events) < self.batch:
+                # Nothing else for this relay through ``head``: move past the other channels'
+                # events too, so reads start near the head and retention of those is no loss.
+                await self._move(max(head, events[-1].seq if events else 0), lazy=not events)
+                if not events:
+                    await _wait_either(self._wake, stopping)
+            else:
+                await self._move(events[-1].seq, lazy=False)
+
+    async def _move(self, cursor: int, lazy: bool) -> None:
+        """Set the cursor; store it now, or when ``lazy`` (only other channels' events were
+        passed) at most every ``LAZY_SAVE`` seconds."""
+        if cursor <= self.cursor:
+            return
+        self.cursor = cursor
+        now = time.monotonic()
+        if not lazy or now - self._saved_at >= LAZY_SAVE:
+            await self.log.set_consumer(self.consumer, cursor)
+            self._saved, self._saved_at = cursor, now
 
 
 class Ingest:
