@@ -27,9 +27,6 @@ numbers are for the machine, not the relay alone.
 - **latency**: single-event publishes paced at ``--rate`` for ``--seconds``; each event's data
   carries ``time.time_ns()`` taken before its request is written, and the subscriber subtracts
   it from ``time.time_ns()`` at receipt (same host clock): p50/p90/p99/max.
-
-Until ``server.build_app`` passes ``make_relays()`` to its Context, the server is started through
-a small shim (``SERVE``) that does it; with the seam fixed the shim changes nothing.
 """
 
 from __future__ import annotations
@@ -54,30 +51,6 @@ from target import CLK_TCK, Server, Window, percentile, running_server
 CHANNEL = "bench/mqtt"
 CURSOR = "tidings-cursor"
 _TS = re.compile(rb'"t":(\d+)')
-SERVE = """
-import dataclasses, sys
-from tidings import server
-original = server.build_app
-def build_app(hub, settings, auth=None):
-    app = original(hub, settings, auth)
-    context = app.state.tidings
-    if not context.relays:
-        app.state.tidings = dataclasses.replace(
-            context, relays=server.make_relays(hub, settings))
-    return app
-server.build_app = build_app
-from tidings.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-class RelayServer(Server):
-    """target.Server, run through SERVE instead of ``-m tidings``."""
-
-    def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
-        super().__init__(args, env)
-        i = self.command.index("-m")
-        self.command[i : i + 2] = ["-c", SERVE]
 
 
 class Subscriber:
@@ -265,7 +238,7 @@ async def main(args: argparse.Namespace) -> int:
         await client.subscribe(f"{prefix}/#", qos=1)
         reader = asyncio.create_task(sub.run(client))
         try:
-            async with running_server(args, env, RelayServer(args, env)) as server:
+            async with running_server(args, env) as server:
                 for _ in range(400):
                     health = await server.health()
                     if health.get("relays", {}).get("mqtt", {}).get("connected"):

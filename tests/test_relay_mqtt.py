@@ -36,7 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
-from brokers import TCPProxy, require_service, service_listening, wire_relays
+from brokers import TCPProxy, require_service, service_listening
 from conftest import RunningServer, make_settings
 from streaming import SSEClient, envelope
 from tidings.brokers.memory import MemoryBroker
@@ -73,26 +73,6 @@ MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
 )
 MOSQUITTO_SUB = shutil.which("mosquitto_sub")
-# ``tidings serve`` with the relays wired in even while server.build_app does not pass
-# make_relays() to its Context (a no-op once it does); for the kill -9 test.
-SERVE = """
-import dataclasses, sys
-from tidings import server
-
-original = server.build_app
-
-def build_app(hub, settings, auth=None):
-    app = original(hub, settings, auth)
-    context = app.state.tidings
-    if not context.relays:
-        app.state.tidings = dataclasses.replace(
-            context, relays=server.make_relays(hub, settings))
-    return app
-
-server.build_app = build_app
-from tidings.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 MOSQUITTO_PUB = shutil.which("mosquitto_pub")
 
 
@@ -240,7 +220,6 @@ def unique(name: str) -> str:
 @pytest.fixture
 def servers(mosquitto: None, tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
     """Start tidings nodes with the MQTT relay; overrides as in ``make_server``."""
-    undo = wire_relays()  # until server.build_app passes make_relays() to its Context
     started: list[RunningServer] = []
 
     def start(**overrides: Any) -> RunningServer:
@@ -249,12 +228,9 @@ def servers(mosquitto: None, tmp_path: Path) -> Iterator[Callable[..., RunningSe
         started.append(node)
         return node
 
-    try:
-        yield start
-    finally:
-        for node in reversed(started):
-            node.stop()
-        undo()
+    yield start
+    for node in reversed(started):
+        node.stop()
 
 
 @asynccontextmanager
@@ -865,7 +841,7 @@ async def test_bad_inbound_messages_are_dropped_with_a_metric_and_the_relay_goes
 
 
 class Serve:
-    """``tidings serve --mqtt`` as a process (see SERVE), for kill -9."""
+    """``tidings serve --mqtt`` as a process, for kill -9."""
 
     def __init__(self, db: Path, environ: dict[str, str], log: Path) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
@@ -874,7 +850,7 @@ class Serve:
         self.log = log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", SERVE, "serve", "--port", self.url.rsplit(":", 1)[1],
+                [sys.executable, "-m", "tidings", "serve", "--port", self.url.rsplit(":", 1)[1],
                  "--grpc-port", "0", "--db", str(db), "--mqtt", BROKER],
                 stdout=out, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
