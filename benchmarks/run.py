@@ -1,7 +1,7 @@
 """Tidings benchmarks: a real server on core 0, a lean asyncio load generator on core 1.
 
     .venv/bin/python benchmarks/run.py [publish|fanout|latency|ws-fanout|ws-latency|ws|
-                                        grpc-fanout|grpc-publish|grpc|all]
+                                        grpc-fanout|grpc-publish|grpc|webhooks|all]
 
 Workloads (see benchmarks/README.md for what each measures and the targets):
   publish     acknowledged HTTP publishes/s from 50 keep-alive publishers, p50/p99 ack latency
@@ -15,6 +15,9 @@ Workloads (see benchmarks/README.md for what each measures and the targets):
               publish-to-delivery latency at 5 events/s on them (grpcbench.py)
   grpc-publish acknowledged unary gRPC Publish calls/s from 50 callers, p50/p99 ack latency
   grpc        grpc-fanout and grpc-publish
+  webhooks    webhook deliveries/s from 100 endpoints on every event to a fast local receiver,
+              publish-to-receipt latency, losses and duplicates; then one endpoint
+              (webhookbench.py)
 
 Each workload starts its own server (``taskset -c 0 python -m tidings serve``) on a fresh SQLite
 file, waits for /healthz, runs, prints a table, writes benchmarks/results/<workload>.json and stops
@@ -68,6 +71,9 @@ from target import (
     running_server,
     stream_totals,
 )
+from webhookbench import WEBHOOK_WORKLOADS
+from webhookbench import add_options as add_webhook_options
+from webhookbench import headline as webhook_headline
 from wsbench import WS_WORKLOADS, check_servers
 from wsbench import add_options as add_ws_options
 from wsbench import table as ws_table
@@ -82,6 +88,7 @@ TARGETS = {
     "ws-latency": ("p99_ms", "<=", 35.0),
     "grpc-fanout": ("deliveries_per_s", ">=", 40_000),
     "grpc-publish": ("publishes_per_s", ">=", 2_500),
+    "webhooks": ("deliveries_per_s", ">=", 90),
 }
 
 
@@ -459,6 +466,7 @@ WORKLOADS = {
     **WS_WORKLOADS,
     "grpc-fanout": GRPC_WORKLOADS["grpc-fanout"],
     "grpc-publish": workload_grpc_publish,
+    **WEBHOOK_WORKLOADS,
 }
 ALIASES = {"all": list(WORKLOADS), "ws": list(WS_WORKLOADS), "grpc": list(GRPC_WORKLOADS)}
 
@@ -496,6 +504,8 @@ def report(name: str, result: dict[str, Any]) -> None:
     met = met and not failures
     if name.startswith("grpc-"):
         report_grpc(name, result)
+    if name == "webhooks":
+        print(webhook_headline(result))
     if "servers" in result:  # a ws workload: the side-by-side table, then tidings in detail
         report_ws(name, result, op)
         result["target"] = {"metric": metric, "op": op, "value": target, "met": met}
@@ -665,6 +675,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--rate", type=float, default=5.0, help="latency: events per second")
     add_ws_options(p)
     add_grpc_options(p)
+    add_webhook_options(p)
     args = p.parse_args(argv)
     check_servers(args.servers)
     return args
