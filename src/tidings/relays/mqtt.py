@@ -62,6 +62,7 @@ import contextlib
 import logging
 import math
 import secrets
+import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -408,6 +409,8 @@ class MQTTRelay:
             keepalive=self.keepalive,
             tls_context=self.tls,
             max_inflight_messages=0,  # the Link keeps the window; paho's queue scans per ack
+            # Small packets (PUBACKs, small events) go out at once, not after the peer's ACK.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             **options,
         )
         client.pending_calls_threshold = MAX_WINDOW + INBOUND_WINDOW  # no warning per publish
