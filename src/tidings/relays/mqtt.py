@@ -62,7 +62,6 @@ import contextlib
 import logging
 import math
 import secrets
-import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -409,8 +408,9 @@ class MQTTRelay:
             keepalive=self.keepalive,
             tls_context=self.tls,
             max_inflight_messages=0,  # the Link keeps the window; paho's queue scans per ack
-            # Small packets (PUBACKs, small events) go out at once, not after the peer's ACK.
-            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+            # No TCP_NODELAY here: against Mosquitto's default (Nagle on its side) it raised the
+            # p99 of relay latency from ~5 to ~45 ms (benchmarks/mqttbench.py), and gained no
+            # throughput against a broker with set_tcp_nodelay.
             **options,
         )
         client.pending_calls_threshold = MAX_WINDOW + INBOUND_WINDOW  # no warning per publish
