@@ -35,6 +35,8 @@ from ..metrics import Metrics
 
 logger = logging.getLogger("tidings.relays")
 
+WARN_EVERY = 60.0  # seconds between warnings of one kind of dropped message
+IDLE_POLL = 1.0  # an idle relay also looks at the log this often (commits on other nodes)
 LAZY_SAVE = 60.0  # seconds between stores of a cursor moved past other channels' events only
 CURSOR_PROPERTY = "tidings-cursor"  # MQTT 5 user property / AMQP header on relayed messages
 
@@ -65,7 +67,7 @@ class Relay(Protocol):
     async def status(self) -> dict[str, object]:
         """For ``/healthz`` and ``tidings status``: at least ``connected`` (bool), ``cursor``
         (the outbound cursor, or None), ``lag`` (seconds, see ``OutboundRelay.lag``) and
-        ``error`` (why the last connection failed, or None)."""
+        ``error`` (why the last connection failed, or None); a relay may add its own keys."""
         ...
 
 
@@ -151,7 +153,7 @@ class OutboundRelay:
                 self._sending = None
                 self.metrics.relay_connected.labels(self.name).set(0)
             if not stopping.is_set():
-                await _sleep_unless(stopping, self.backoff.next())
+                await sleep_unless(stopping, self.backoff.next())
 
     async def _pump(self, link: Link, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -179,7 +181,7 @@ class OutboundRelay:
                 # events too, so reads start near the head and retention of those is no loss.
                 await self._move(max(head, events[-1].seq if events else 0), lazy=not events)
                 if not events:
-                    await _wait_either(self._wake, stopping)
+                    await wait_either(self._wake, stopping, IDLE_POLL)
             else:
                 await self._move(events[-1].seq, lazy=False)
 
@@ -203,6 +205,7 @@ class Ingest:
         self.name = name
         self.grant = Grant(f"relay:{name}", (), parse_patterns(publish) if publish else ())
         self.max_bytes = max_bytes
+        self._warned: dict[str, tuple[float, int]] = {}  # reason -> (last warning, quiet since)
 
     async def publish(
         self,
@@ -229,21 +232,38 @@ class Ingest:
         return appended.event
 
     def dropped(self, reason: str, detail: str) -> None:
-        """Count and log a message refused for good (``reason`` is a short metric label)."""
+        """Count and log a message refused for good (``reason`` is a short metric label:
+        too_large, invalid_channel, invalid_event, forbidden, invalid). One warning per reason
+        per ``WARN_EVERY`` seconds, so a device flooding bad input cannot flood the log."""
         self.hub.metrics.relay_dropped.labels(self.name, reason).inc()
-        logger.warning("relay %s: message dropped (%s): %s", self.name, reason, detail)
+        now = time.monotonic()
+        last, quiet = self._warned.get(reason, (-WARN_EVERY, 0))
+        if now - last < WARN_EVERY:
+            self._warned[reason] = (last, quiet + 1)
+            return
+        more = f" ({quiet} more since the last warning)" if quiet else ""
+        logger.warning("relay %s: message dropped (%s): %s%s", self.name, reason, detail, more)
+        self._warned[reason] = (now, 0)
+
+    def skipped(self, detail: str) -> None:
+        """Count a message this or another tidings relay sent out (it carries
+        ``CURSOR_PROPERTY``): not an error, but an overlap worth seeing in the metrics."""
+        self.hub.metrics.relay_dropped.labels(self.name, "relayed").inc()
+        logger.debug("relay %s: skipped a message relayed out by tidings: %s", self.name, detail)
 
 
-async def _wait_either(event: asyncio.Event, stopping: asyncio.Event) -> None:
+async def wait_either(event: asyncio.Event, stopping: asyncio.Event, seconds: float) -> None:
+    """Wait until ``event`` or ``stopping`` is set, or ``seconds`` have passed."""
     waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stopping.wait())]
     try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for wait in waits:
             wait.cancel()
 
 
-async def _sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
+async def sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less if ``stopping`` is set meanwhile."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await stopping.wait()

@@ -68,7 +68,7 @@ from ..exceptions import (
     Unavailable,
 )
 from ..hub import Hub
-from . import CURSOR_PROPERTY, Ingest, Link, OutboundRelay, _sleep_unless
+from . import CURSOR_PROPERTY, Ingest, Link, OutboundRelay, sleep_unless
 
 logger = logging.getLogger("tidings.relays.amqp")
 
@@ -456,7 +456,7 @@ class AMQPRelay:
             finally:
                 self.inbound_connected = False
             if not stopping.is_set():
-                await _sleep_unless(stopping, backoff.next())
+                await sleep_unless(stopping, backoff.next())
 
     async def _consume(self, stopping: asyncio.Event, backoff: Backoff) -> None:
         """One inbound session: declare, consume, settle batches until stopping or a loss."""
@@ -544,7 +544,7 @@ class AMQPRelay:
         headers = message.headers or {}
         if CURSOR_PROPERTY in headers:
             # Ours, come back through an overlapping binding: never ingested twice.
-            self.hub.metrics.relay_dropped.labels(self.name, "relayed").inc()
+            self.ingest.skipped(f"routing key {message.routing_key}, {CURSOR_PROPERTY} present")
             return None
         channel = channel_of(message.routing_key or "", headers)
         return await self.ingest.publish(
@@ -568,7 +568,7 @@ async def _supervise(
             await run(stopping)
         except Exception:
             logger.exception("relay amqp %s failed; restarting it", direction)
-            await _sleep_unless(stopping, backoff.next())
+            await sleep_unless(stopping, backoff.next())
 
 
 async def _next(

@@ -41,11 +41,12 @@ Rules:
   and messages published while the process is not running are not received. MQTT 3.1.1 cannot
   expire a session, so there a random id always starts clean (at-most-once across reconnects).
   With inbound off the session is always clean: there is nothing to keep.
-- Not re-ingested: messages carrying ``CURSOR_PROPERTY`` (relayed by a tidings relay; skipped
-  with a debug log, not counted) and retained messages (the broker's stored copy, sent again
-  at each subscribe; MQTT 5 subscriptions ask for none, §3.8.3.1 Retain Handling 2). MQTT 3.1.1
-  has no properties, so loops are prevented by the topics alone: a ``prefix`` whose topics
-  ``{inbound_prefix}/#`` covers (or the reverse) is refused at construction.
+- Not re-ingested: messages carrying ``CURSOR_PROPERTY`` (relayed by a tidings relay; skipped,
+  counted as dropped with reason ``relayed``) and retained messages (the broker's stored copy,
+  sent again at each subscribe; MQTT 5 subscriptions ask for none, §3.8.3.1 Retain Handling
+  2). MQTT 3.1.1 has no properties, so loops are prevented by the topics alone: a
+  ``prefix`` whose topics ``{inbound_prefix}/#`` covers (or the reverse) is refused at
+  construction.
 - A message that can never be published (bad channel, type, content type, JSON or UTF-8,
   too large, not granted) is acknowledged and dropped: ``Ingest.dropped`` counts it by reason
   (``REASONS``) and logs why. Broker-side, MQTT 5 messages over ``max_event_bytes`` +
@@ -89,7 +90,7 @@ from ..exceptions import (
     Unavailable,
 )
 from ..hub import Hub
-from . import CURSOR_PROPERTY, Ingest, OutboundRelay, _sleep_unless
+from . import CURSOR_PROPERTY, Ingest, OutboundRelay, sleep_unless
 
 logger = logging.getLogger("tidings.relays.mqtt")
 
@@ -380,7 +381,7 @@ class MQTTRelay:
                 self._connected = False
                 gauge.set(0)
             if not stopping.is_set():
-                await _sleep_unless(stopping, backoff.next())
+                await sleep_unless(stopping, backoff.next())
 
     # -- one connection ----------------------------------------------------------------------
 
@@ -483,8 +484,7 @@ class MQTTRelay:
             return True  # a message of an old session's subscription
         fields = read_properties(message.properties)
         if fields.cursor is not None:
-            logger.debug("relay mqtt: skipped %s, relayed out by tidings (%s %s)",
-                         message.topic, CURSOR_PROPERTY, fields.cursor)  # fmt: skip
+            self.ingest.skipped(f"topic {message.topic}, {CURSOR_PROPERTY} {fields.cursor}")
             return True
         try:
             channel = channel_of(self.inbound_prefix, message.topic.value)
