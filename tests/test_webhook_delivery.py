@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 import pytest
 
@@ -25,7 +25,7 @@ from tidings.webhooks.delivery import (
 )
 from tidings.webhooks.policy import Health, HealthState, Schedule
 from tidings.webhooks.signing import generate_secret, parse_secret, sign
-from tidings.webhooks.ssrf import AddressPolicy, safe_client
+from tidings.webhooks.ssrf import AddressPolicy, safe_session
 
 FAST = Schedule((0, 0.01, 0.01, 0.01), jitter=0)
 TIMEOUT = 10
@@ -146,14 +146,14 @@ async def delivering(
     schedule: Schedule = FAST,
     disable_after: float = 3600,
     run: Run | None = None,
-    client: httpx.AsyncClient | None = None,
+    session: aiohttp.ClientSession | None = None,
 ) -> AsyncIterator[Run]:
     run = Run(log) if run is None else run
     async with contextlib.AsyncExitStack() as stack:
-        if client is None:
-            client = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
+        if session is None:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
         worker = run.worker = EndpointWorker(
-            endpoint, log, HttpSender(client), run, schedule=schedule, disable_after=disable_after
+            endpoint, log, HttpSender(session), run, schedule=schedule, disable_after=disable_after
         )
         log.listen(lambda _events: worker.wake())
         task = asyncio.create_task(worker.run(start=0))
@@ -266,9 +266,10 @@ async def test_event_type_filters(log: MemoryLog) -> None:
 async def test_an_endpoint_the_ssrf_policy_refuses_is_a_failed_attempt(log: MemoryLog) -> None:
     async with receiving(Receiver()) as receiver:
         [event] = await publish(log, "orders/1", 1)
+        once = Schedule((0,), jitter=0)
         async with (
-            safe_client(AddressPolicy(allow_http=True), 5) as client,
-            delivering(log, endpoint(receiver.url), Schedule((0,), jitter=0), client=client) as run,
+            safe_session(AddressPolicy(allow_http=True), 5) as session,
+            delivering(log, endpoint(receiver.url), once, session=session) as run,
         ):
             await until(lambda: run.running.cursor == event.seq)
     assert receiver.requests == []  # nothing reached the loopback receiver

@@ -1,32 +1,34 @@
 """SSRF protection for webhook deliveries: blocked ranges, literal notations, resolution at
-connect time, allow-list, redirects, proxies and TLS, against real local receivers."""
+connect time, allow-list, redirects, proxies and TLS, against real local receivers; and the
+sender over a safe session (a kept-alive connection the receiver closed, the body it reads)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpcore
-import httpx
+import aiohttp
 import pytest
 
 from tidings.exceptions import BadRequest
+from tidings.webhooks.delivery import RESPONSE_HEAD, HttpSender, Response
 from tidings.webhooks.ssrf import (
     BLOCKED,
     AddressPolicy,
     BlockedAddress,
     InvalidEndpoint,
-    SafeBackend,
+    SafeResolver,
     blocked_range,
     ip_literal,
-    safe_client,
+    safe_session,
 )
 
 LOCAL = AddressPolicy(["127.0.0.0/8", "::1/128"], allow_http=True)
@@ -251,28 +253,33 @@ def test_endpoint_url_of_the_wrong_shape_is_refused(url: str) -> None:
     assert (caught.value.status, caught.value.code) == (400, "invalid_endpoint")
 
 
-# -- the network backend, with a recording fake underneath ------------------------------------
+# -- the resolver, with the loop's connect recorded underneath -------------------------------
 
 
-class RecordingBackend(httpcore.AsyncNetworkBackend):
-    """Records where it is asked to connect; connects nowhere."""
+class Connects:
+    """Records every address a socket is connected to (the loop's ``sock_connect``, which
+    aiohttp's connector uses). Only loopback connects for real: others, and those in
+    ``refuse``, are refused, so nothing leaves the machine."""
 
-    def __init__(self, refuse: Iterable[str] = ()) -> None:
+    def __init__(self, connect: Callable[[socket.socket, Any], Awaitable[None]]) -> None:
         self.calls: list[tuple[str, int]] = []
-        self.refuse = set(refuse)
+        self.refuse: set[str] = set()
+        self._connect = connect
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 — httpcore's interface
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    async def __call__(self, sock: socket.socket, address: Any) -> None:
+        host, port = address[0], address[1]
         self.calls.append((host, port))
-        if host in self.refuse:
-            raise httpcore.ConnectError(f"{host} refused")
-        return httpcore.AsyncMockStream([])
+        if host in self.refuse or not ipaddress.ip_address(host).is_loopback:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"{host} refused")
+        await self._connect(sock, address)
+
+
+@pytest.fixture
+async def connects(monkeypatch: pytest.MonkeyPatch) -> Connects:
+    loop = asyncio.get_running_loop()
+    recorder = Connects(loop.sock_connect)
+    monkeypatch.setattr(loop, "sock_connect", recorder)
+    return recorder
 
 
 class FakeResolver:
@@ -287,68 +294,117 @@ class FakeResolver:
         return self.table[host]
 
 
-async def test_backend_connects_to_the_checked_literal_after_one_lookup() -> None:
-    inner = RecordingBackend()
+async def test_resolver_connects_to_the_checked_literal_after_one_lookup(
+    connects: Connects,
+) -> None:
     resolver = FakeResolver({"hooks.example.com": ["93.184.215.14"]})
-    backend = SafeBackend(AddressPolicy(), inner, resolver)
-    await backend.connect_tcp("hooks.example.com", 443)
-    assert inner.calls == [("93.184.215.14", 443)]  # never the name: nothing left to rebind
-    assert resolver.lookups == ["hooks.example.com"]
+    [found] = await SafeResolver(AddressPolicy(), resolver).resolve("hooks.example.com", 443)
+    assert (found["hostname"], found["host"], found["port"]) == ("hooks.example.com",
+                                                                 "93.184.215.14", 443)  # fmt: skip
+    async with safe_session(AddressPolicy(), 5, resolver=resolver) as session:
+        with pytest.raises(aiohttp.ClientConnectorError):  # refused by the recorder
+            await session.post("https://hooks.example.com/", data=b"{}")
+    assert connects.calls == [("93.184.215.14", 443)]  # never the name: nothing left to rebind
+    assert resolver.lookups == ["hooks.example.com"] * 2
 
 
-async def test_backend_refuses_a_name_resolving_inward_without_connecting() -> None:
-    inner = RecordingBackend()
-    backend = SafeBackend(
-        AddressPolicy(), inner, FakeResolver({"hooks.example.com": ["127.0.0.1"]})
-    )
+async def test_resolver_refuses_a_name_resolving_inward_without_connecting(
+    connects: Connects,
+) -> None:
+    resolver = FakeResolver({"hooks.example.com": ["127.0.0.1"]})
     with pytest.raises(BlockedAddress, match=r"hooks\.example\.com resolves to 127\.0\.0\.1"):
-        await backend.connect_tcp("hooks.example.com", 443)
-    assert inner.calls == []
+        await SafeResolver(AddressPolicy(), resolver).resolve("hooks.example.com", 443)
+    async with safe_session(AddressPolicy(), 5, resolver=resolver) as session:
+        with pytest.raises(BlockedAddress, match=r"hooks\.example\.com resolves to 127\.0\.0\.1"):
+            await session.post("https://hooks.example.com/", data=b"{}")
+    assert connects.calls == []
 
 
-async def test_backend_refuses_a_mix_of_public_and_blocked_addresses() -> None:
-    inner = RecordingBackend()
+async def test_resolver_refuses_a_mix_of_public_and_blocked_addresses(connects: Connects) -> None:
     resolver = FakeResolver({"rebind.example": ["93.184.215.14", "169.254.169.254"]})
-    backend = SafeBackend(AddressPolicy(), inner, resolver)
     with pytest.raises(BlockedAddress, match="cloud metadata"):
-        await backend.connect_tcp("rebind.example", 443)
-    assert inner.calls == []  # not even the public one
+        await SafeResolver(AddressPolicy(), resolver).resolve("rebind.example", 443)
+    async with safe_session(AddressPolicy(), 5, resolver=resolver) as session:
+        with pytest.raises(BlockedAddress, match="cloud metadata"):
+            await session.post("https://rebind.example/", data=b"{}")
+    assert connects.calls == []  # not even the public one
 
 
 @pytest.mark.parametrize(
     "host", ["2130706433", "0x7f000001", "0177.0.0.1", "127.1", "::1", "::ffff:127.0.0.1"]
 )
-async def test_backend_normalises_literal_hosts_without_a_lookup(host: str) -> None:
-    inner = RecordingBackend()
+async def test_resolver_normalises_literal_hosts_without_a_lookup(
+    host: str, connects: Connects
+) -> None:
     resolver = FakeResolver({})
     with pytest.raises(BlockedAddress, match="loopback"):
-        await SafeBackend(AddressPolicy(), inner, resolver).connect_tcp(host, 80)
-    assert inner.calls == [] and resolver.lookups == []
+        await SafeResolver(AddressPolicy(), resolver).resolve(host, 80)
+    assert connects.calls == [] and resolver.lookups == []
 
 
-async def test_backend_connects_to_the_ipv4_behind_a_mapped_address() -> None:
-    inner = RecordingBackend()
+async def test_resolver_connects_to_the_ipv4_behind_a_mapped_address(connects: Connects) -> None:
     resolver = FakeResolver({"hooks.example.com": ["::ffff:93.184.215.14", "93.184.215.14"]})
-    await SafeBackend(AddressPolicy(), inner, resolver).connect_tcp("hooks.example.com", 443)
-    assert inner.calls == [("93.184.215.14", 443)]
+    found = await SafeResolver(AddressPolicy(), resolver).resolve("hooks.example.com", 443)
+    assert [(f["host"], f["family"]) for f in found] == [("93.184.215.14", socket.AF_INET)]
+    async with safe_session(AddressPolicy(), 5, resolver=resolver) as session:
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await session.post("https://hooks.example.com/", data=b"{}")
+    assert connects.calls == [("93.184.215.14", 443)]
 
 
-async def test_backend_tries_the_next_checked_address_when_one_refuses() -> None:
-    inner = RecordingBackend(refuse=["2606:4700::1"])
-    resolver = FakeResolver({"hooks.example.com": ["2606:4700::1", "93.184.215.14"]})
-    await SafeBackend(AddressPolicy(), inner, resolver).connect_tcp("hooks.example.com", 443)
-    assert inner.calls == [("2606:4700::1", 443), ("93.184.215.14", 443)]
+async def test_the_next_checked_address_is_tried_when_one_refuses(connects: Connects) -> None:
+    # aiohttp's connector (happy eyeballs, one address after another) does this itself.
+    resolver = FakeResolver({"hooks.example.com": ["2606:4700::1", "127.0.0.1"]})
+    async with receiver() as target, safe_session(LOCAL, 5, resolver=resolver) as session:
+        answer = await session.post(f"http://hooks.example.com:{target.port}/", data=b"{}")
+        assert answer.status == 204
+        answer.release()
+    assert connects.calls == [("2606:4700::1", target.port), ("127.0.0.1", target.port)]
+    assert len(target.requests) == 1
 
 
-async def test_backend_reports_an_unresolvable_name_as_a_connect_error() -> None:
-    backend = SafeBackend(AddressPolicy(), RecordingBackend(), FakeResolver({}))
-    with pytest.raises(httpcore.ConnectError, match=r"cannot resolve nowhere\.example"):
-        await backend.connect_tcp("nowhere.example", 443)
+async def test_an_unresolvable_name_is_a_clear_connection_error(connects: Connects) -> None:
+    with pytest.raises(OSError, match=r"cannot resolve nowhere\.example"):
+        await SafeResolver(AddressPolicy(), FakeResolver({})).resolve("nowhere.example", 443)
+    async with safe_session(AddressPolicy(), 5, resolver=FakeResolver({})) as session:
+        with pytest.raises(
+            aiohttp.ClientConnectorDNSError, match=r"\[cannot resolve nowhere\.example: Name"
+        ):
+            await session.post("https://nowhere.example/", data=b"{}")
+    assert connects.calls == []
 
 
-async def test_backend_never_connects_to_a_unix_socket() -> None:
-    with pytest.raises(httpcore.ConnectError):
-        await SafeBackend(AddressPolicy(), RecordingBackend()).connect_unix_socket("/run/x.sock")
+async def test_a_name_resolving_to_nothing_is_a_clear_connection_error() -> None:
+    resolver = FakeResolver({"empty.example": []})
+    async with safe_session(AddressPolicy(), 5, resolver=resolver) as session:
+        with pytest.raises(aiohttp.ClientConnectorDNSError, match="resolves to no address"):
+            await session.post("https://empty.example/", data=b"{}")
+
+
+async def test_the_session_never_connects_to_a_unix_socket() -> None:
+    async with safe_session(AddressPolicy(allow_http=True), 5) as session:
+        assert isinstance(session.connector, aiohttp.TCPConnector)
+        assert not isinstance(session.connector, aiohttp.UnixConnector)
+        with pytest.raises(aiohttp.NonHttpUrlClientError):  # before our URL check, even
+            await session.post("unix:///run/x.sock", data=b"{}")
+
+
+async def test_resolution_is_bounded_by_the_request_timeout(connects: Connects) -> None:
+    async def slow(host: str, port: int) -> Sequence[str]:
+        await asyncio.sleep(10)
+        return ["93.184.215.14"]
+
+    async with safe_session(AddressPolicy(), 0.05, resolver=slow) as session:
+        with pytest.raises(TimeoutError):  # the session's timeout
+            await session.post("https://hooks.example.com/", data=b"{}")
+        with pytest.raises(TimeoutError):  # a request's own
+            timeout = aiohttp.ClientTimeout(total=0.05)
+            await session.post("https://hooks.example.com/", data=b"{}", timeout=timeout)
+    async with safe_session(AddressPolicy(), 10, resolver=slow) as session:
+        assert await HttpSender(session)("https://hooks.example.com/", b"{}", {}, 0.05) == (
+            Response(None, "timeout")
+        )
+    assert connects.calls == []
 
 
 # -- through a real client, against real receivers --------------------------------------------
@@ -404,44 +460,61 @@ async def receiver(
 
 
 async def test_localhost_is_refused_and_no_request_reaches_the_receiver() -> None:
-    async with receiver() as target, safe_client(AddressPolicy(allow_http=True), 5) as client:
+    async with receiver() as target, safe_session(AddressPolicy(allow_http=True), 5) as session:
         with pytest.raises(BlockedAddress, match=r"^localhost resolves to .*, which is loopback$"):
-            await client.post(f"http://localhost:{target.port}/hook", content=b"{}")
+            await session.post(f"http://localhost:{target.port}/hook", data=b"{}")
     assert target.connections == 0
 
 
 async def test_hostname_resolving_to_loopback_is_refused() -> None:
     resolver = FakeResolver({"hooks.example.com": ["127.0.0.1"]})
     policy = AddressPolicy(allow_http=True)
-    async with receiver() as target, safe_client(policy, 5, resolver=resolver) as client:
+    async with receiver() as target, safe_session(policy, 5, resolver=resolver) as session:
         with pytest.raises(BlockedAddress, match=r"resolves to 127\.0\.0\.1, which is loopback"):
-            await client.post(f"http://hooks.example.com:{target.port}/", content=b"{}")
+            await session.post(f"http://hooks.example.com:{target.port}/", data=b"{}")
     assert target.connections == 0
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "2130706433", "0x7f.1", "127.1", "[::ffff:7f00:1]"])
-async def test_loopback_literal_is_refused_before_connecting(host: str) -> None:
-    async with receiver() as target, safe_client(AddressPolicy(allow_http=True), 5) as client:
+# aiohttp skips the resolver for hosts that look numeric (``is_ip_address``: digits and dots, or
+# a colon) and yarl reads some spellings its own way ("１２７" is 127, "[::ffff:127.0.0.1]" is
+# "::ffff:7f00:1"): each must be refused before any connection, and without a lookup.
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "2130706433", "0x7f000001", "0177.0.0.1", "0x7f.1", "127.1", "127.0.0.1.",
+     "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[::1]", "１２７.0.0.1"],
+)  # fmt: skip
+async def test_loopback_literal_is_refused_before_connecting(host: str, connects: Connects) -> None:
+    resolver = FakeResolver({})
+    policy = AddressPolicy(allow_http=True)
+    async with receiver() as target, safe_session(policy, 5, resolver=resolver) as session:
         with pytest.raises(BlockedAddress, match="loopback"):
-            await client.post(f"http://{host}:{target.port}/", content=b"{}")
-    assert target.connections == 0
+            await session.post(f"http://{host}:{target.port}/", data=b"{}")
+        sender = HttpSender(session)
+        answer = await sender(f"http://{host}:{target.port}/", b"{}", {}, 5)
+        assert answer.status is None and answer.error is not None
+        assert answer.error.startswith("blocked_address: ") and "loopback" in answer.error
+    assert target.connections == 0 and connects.calls == [] and resolver.lookups == []
 
 
-async def test_allow_list_reaches_the_receiver_with_the_hostname_as_host() -> None:
+async def test_allow_list_reaches_the_receiver_with_the_hostname_as_host(
+    connects: Connects,
+) -> None:
     resolver = FakeResolver({"hooks.example.com": ["127.0.0.1"]})
-    async with receiver() as target, safe_client(LOCAL, 5, resolver=resolver) as client:
-        answer = await client.post(f"http://hooks.example.com:{target.port}/hook", content=b"{}")
-    assert answer.status_code == 204
+    async with receiver() as target, safe_session(LOCAL, 5, resolver=resolver) as session:
+        url = f"http://hooks.example.com:{target.port}/hook"
+        async with session.post(url, data=b"{}") as answer:
+            assert answer.status == 204
     [(method, path, headers)] = target.requests
     assert (method, path) == ("POST", "/hook")
     assert headers["host"] == f"hooks.example.com:{target.port}"
+    assert connects.calls == [("127.0.0.1", target.port)]
 
 
 async def test_http_endpoint_is_refused_unless_allowed() -> None:
     policy = AddressPolicy(["127.0.0.0/8"])
-    async with receiver() as target, safe_client(policy, 5) as client:
+    async with receiver() as target, safe_session(policy, 5) as session:
         with pytest.raises(InvalidEndpoint, match="scheme must be https"):
-            await client.post(f"http://127.0.0.1:{target.port}/", content=b"{}")
+            await session.post(f"http://127.0.0.1:{target.port}/", data=b"{}")
     assert target.connections == 0
 
 
@@ -456,12 +529,13 @@ async def test_redirect_inward_is_not_followed() -> None:
         # The "public" endpoint is the only allowed address; it answers with a redirect inward.
         policy = AddressPolicy(["127.0.0.1/32"], allow_http=True)
         async with receiver(302, [("location", location)]) as public:
-            async with safe_client(policy, 5) as client:
-                answer = await client.post(f"http://127.0.0.1:{public.port}/", content=b"{}")
-                assert answer.status_code == 302 and answer.headers["location"] == location
+            async with safe_session(policy, 5) as session:
+                sender = HttpSender(session)
+                answer = await sender(f"http://127.0.0.1:{public.port}/", b"{}", {}, 5)
+                assert answer.status == 302 and answer.error is None
                 # Even a caller that asks to follow it cannot reach the inward address.
                 with pytest.raises(BlockedAddress, match=r"127\.0\.0\.2 is loopback"):
-                    await client.get(f"http://127.0.0.1:{public.port}/", follow_redirects=True)
+                    await session.get(f"http://127.0.0.1:{public.port}/", allow_redirects=True)
             assert len(public.requests) == 2
         assert inward.connections == 0
     finally:
@@ -474,11 +548,15 @@ async def test_proxies_from_the_environment_are_ignored(monkeypatch: pytest.Monk
             monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
         for name in ("NO_PROXY", "no_proxy"):
             monkeypatch.delenv(name, raising=False)
-        async with safe_client(LOCAL, 5) as client:
-            answer = await client.post(f"http://127.0.0.1:{target.port}/", content=b"{}")
-            assert answer.status_code == 204
+        async with safe_session(LOCAL, 5) as session:
+            async with session.post(f"http://127.0.0.1:{target.port}/", data=b"{}") as answer:
+                assert answer.status == 204
             with pytest.raises(BlockedAddress):
-                await client.post("http://10.0.0.1/", content=b"{}")
+                await session.post("http://10.0.0.1/", data=b"{}")
+            # Nor one a caller names.
+            with pytest.raises(InvalidEndpoint, match="proxy"):
+                await session.post(f"http://127.0.0.1:{target.port}/", data=b"{}",
+                                   proxy=f"http://127.0.0.1:{proxy.port}")  # fmt: skip
     assert len(target.requests) == 1
     assert proxy.connections == 0
 
@@ -531,23 +609,146 @@ async def test_tls_uses_the_hostname_for_sni_and_verification(tmp_path: Path) ->
     trust = ssl.create_default_context(cafile=str(pem))
     resolver = FakeResolver({"localhost": ["127.0.0.1"]})
     policy = AddressPolicy(["127.0.0.0/8"])
-    client = safe_client(policy, 5, ssl_context=trust, resolver=resolver)
-    async with receiver(tls=server) as target, client:
-        answer = await client.post(f"https://localhost:{target.port}/hook", content=b"{}")
-        assert answer.status_code == 204
+    session = safe_session(policy, 5, ssl_context=trust, resolver=resolver)
+    async with receiver(tls=server) as target, session:
+        url = f"https://localhost:{target.port}/hook"
+        async with session.post(url, data=b"{}") as answer:
+            assert answer.status == 204
         # The certificate does not name 127.0.0.1: verification really is by name.
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            await client.post(f"https://127.0.0.1:{target.port}/hook", content=b"{}")
+        with pytest.raises(aiohttp.ClientConnectorCertificateError, match="CERTIFICATE_VERIFY"):
+            await session.post(f"https://127.0.0.1:{target.port}/hook", data=b"{}")
     assert names[0] == "localhost"
     [(_, _, headers)] = target.requests
     assert headers["host"] == f"localhost:{target.port}"
 
 
-async def test_backend_bounds_resolution_by_the_connect_timeout() -> None:
-    async def slow(host: str, port: int) -> Sequence[str]:
-        await asyncio.sleep(10)
-        return ["93.184.215.14"]
+async def test_the_default_context_verifies_certificates(tmp_path: Path) -> None:
+    pem = _certificate_for_localhost(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(pem)
+    resolver = FakeResolver({"localhost": ["127.0.0.1"]})
+    session = safe_session(AddressPolicy(["127.0.0.0/8"]), 5, resolver=resolver)
+    async with receiver(tls=server) as target, session:
+        with pytest.raises(aiohttp.ClientConnectorCertificateError, match="CERTIFICATE_VERIFY"):
+            await session.post(f"https://localhost:{target.port}/hook", data=b"{}")
+    assert target.requests == []
 
-    backend = SafeBackend(AddressPolicy(), RecordingBackend(), slow)
-    with pytest.raises(httpcore.ConnectTimeout):
-        await backend.connect_tcp("hooks.example.com", 443, timeout=0.05)
+
+async def test_every_new_connection_resolves_and_checks_again() -> None:
+    resolver = FakeResolver({"hooks.example.com": ["127.0.0.1"]})
+    policy = AddressPolicy(["127.0.0.1/32"], allow_http=True)
+    async with receiver() as target, safe_session(policy, 5, resolver=resolver) as session:
+        url = f"http://hooks.example.com:{target.port}/"
+        async with session.post(url, data=b"{}") as answer:  # the receiver closes after it
+            assert answer.status == 204
+        resolver.table["hooks.example.com"] = ["127.0.0.2"]  # re-bound inward
+        with pytest.raises(BlockedAddress, match=r"resolves to 127\.0\.0\.2, which is loopback"):
+            await session.post(url, data=b"{}")
+    assert resolver.lookups == ["hooks.example.com"] * 2
+    assert len(target.requests) == 1
+
+
+# -- the sender over a safe session -----------------------------------------------------------
+
+
+class KeepAlive:
+    """A keep-alive HTTP/1.1 server answering each request with ``answer(connection, request)``
+    (both counted from 1): bytes to write, and whether to close after them."""
+
+    def __init__(self, answer: Callable[[int, int], tuple[bytes, bool]]) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.requests: list[tuple[int, int]] = []
+        self.url = ""
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        connection, number = self.connections, 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                await reader.readexactly(int(length[1]) if length else 0)
+                number += 1
+                self.requests.append((connection, number))
+                data, close = self.answer(connection, number)
+                writer.write(data)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def keep_alive(
+    answer: Callable[[int, int], tuple[bytes, bool]],
+) -> AsyncIterator[KeepAlive]:
+    server = KeepAlive(answer)
+    listening = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+    server.url = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}/hook"
+    try:
+        yield server
+    finally:
+        listening.close()
+        await listening.wait_closed()
+
+
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+async def test_a_kept_alive_connection_closed_before_any_answer_is_retried_once() -> None:
+    def answer(connection: int, number: int) -> tuple[bytes, bool]:
+        # The first connection's second request finds it closing: no byte comes back.
+        return (b"", True) if (connection, number) == (1, 2) else (NO_CONTENT, False)
+
+    async with keep_alive(answer) as server, safe_session(LOCAL, 5) as session:
+        send, url = HttpSender(session), server.url
+        assert (await send(url, b"{}", {}, 5)).status == 204
+        assert (await send(url, b"{}", {}, 5)).status == 204  # sent again, on a new connection
+    assert server.requests == [(1, 1), (1, 2), (2, 1)]
+
+
+async def test_a_connection_closed_twice_before_any_answer_fails_the_attempt() -> None:
+    def answer(connection: int, number: int) -> tuple[bytes, bool]:
+        return (NO_CONTENT, False) if (connection, number) == (1, 1) else (b"", True)
+
+    async with keep_alive(answer) as server, safe_session(LOCAL, 5) as session:
+        send, url = HttpSender(session), server.url
+        assert (await send(url, b"{}", {}, 5)).status == 204
+        failed = await send(url, b"{}", {}, 5)
+    assert failed == Response(None, "ServerDisconnectedError: Server disconnected")
+    assert server.requests == [(1, 1), (1, 2), (2, 1)]  # once more, not more
+
+
+async def test_a_connection_closed_after_part_of_an_answer_is_not_retried() -> None:
+    def answer(connection: int, number: int) -> tuple[bytes, bool]:
+        return (b"HTTP/1.1 2", True) if number == 2 else (NO_CONTENT, False)
+
+    async with keep_alive(answer) as server, safe_session(LOCAL, 5) as session:
+        send, url = HttpSender(session), server.url
+        assert (await send(url, b"{}", {}, 5)).status == 204
+        failed = await send(url, b"{}", {}, 5)
+    assert failed.status is None and failed.error is not None
+    assert failed.error.startswith("ServerDisconnectedError: ")
+    assert server.requests == [(1, 1), (1, 2)]
+
+
+async def test_the_sender_keeps_the_head_of_the_body_and_drops_a_connection_left_unread() -> None:
+    big = b"x" * (RESPONSE_HEAD * 200)
+    small = b'{"ok":true}'
+
+    def answer(connection: int, number: int) -> tuple[bytes, bool]:
+        body = big if (connection, number) == (1, 2) else small
+        head = f"HTTP/1.1 429 Slow Down\r\nretry-after: 7\r\ncontent-length: {len(body)}\r\n\r\n"
+        return head.encode() + body, False
+
+    async with keep_alive(answer) as server, safe_session(LOCAL, 5) as session:
+        send, url = HttpSender(session), server.url
+        assert await send(url, b"{}", {}, 5) == Response(429, None, "7", small)
+        assert await send(url, b"{}", {}, 5) == Response(429, None, "7", big[:RESPONSE_HEAD])
+        assert await send(url, b"{}", {}, 5) == Response(429, None, "7", small)
+    # The small body was read to its end, so its connection was reused; the big one was not.
+    assert server.requests == [(1, 1), (1, 2), (2, 1)]

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-import httpx
+import aiohttp
 
 from .. import __version__
 from ..events import Event, Pattern, parse_patterns
@@ -428,30 +428,57 @@ class EndpointWorker:
 
 
 class HttpSender:
-    """Sends attempts with an httpx client (``ssrf.safe_client`` in production: redirects are
-    never followed, and only checked addresses are connected to)."""
+    """Sends attempts with an aiohttp session (``ssrf.safe_session`` in production: every URL
+    is checked, and only checked addresses are connected to). Redirects are never followed."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
 
     async def __call__(
         self, url: str, body: bytes, headers: dict[str, str], seconds: float
     ) -> Response:
         try:
-            request = self.client.stream("POST", url, content=body, headers=headers,
-                                         timeout=seconds)  # fmt: skip
-            async with request as answer:
+            async with await self._post(url, body, headers, seconds) as answer:
                 head = b""
-                async for chunk in answer.aiter_raw():
-                    head += chunk
-                    if len(head) >= RESPONSE_HEAD:
+                while len(head) < RESPONSE_HEAD:
+                    chunk = await answer.content.read(RESPONSE_HEAD - len(head))
+                    if not chunk:
                         break
-                return Response(answer.status_code, None, answer.headers.get("retry-after"), head)
-        except httpx.TimeoutException:
+                    head += chunk
+                if not answer.content.at_eof():
+                    answer.close()  # the body is left unread: the connection cannot be reused
+                return Response(answer.status, None, answer.headers.get("retry-after"), head)
+        except TimeoutError:  # aiohttp's ServerTimeoutError and ConnectionTimeoutError too
             return Response(None, "timeout")
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             return Response(None, f"{type(exc).__name__}: {exc}"[:300])
         except TidingsError as exc:  # ssrf.BlockedAddress, InvalidEndpoint: a failed attempt
             return Response(None, f"{exc.code}: {exc.detail}"[:300])
-        except (UnicodeError, ValueError) as exc:  # a header httpx cannot encode, say
+        except (UnicodeError, ValueError) as exc:  # a header aiohttp cannot encode, say
             return Response(None, f"cannot send the request: {exc}"[:300])
+
+    async def _post(
+        self, url: str, body: bytes, headers: dict[str, str], seconds: float
+    ) -> aiohttp.ClientResponse:
+        """The response's status and headers; ``seconds`` bounds everything, the body too."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        try:
+            return await self._send(url, body, headers, seconds)
+        except aiohttp.ServerDisconnectedError as exc:
+            if not isinstance(exc.message, str):  # a partial response came before the close
+                raise
+        # A kept-alive connection the receiver closed as this request went out on it, before
+        # any response byte (``message`` is then aiohttp's text). aiohttp retries that only for
+        # idempotent methods. The request may have reached the receiver, but webhooks are
+        # at-least-once anyway (same ``webhook-id``): send it once more. The pool has dropped
+        # that connection; the retry gets another open one or a new one.
+        left = deadline - asyncio.get_running_loop().time()
+        return await self._send(url, body, headers, max(left, 0.001))
+
+    async def _send(
+        self, url: str, body: bytes, headers: dict[str, str], seconds: float
+    ) -> aiohttp.ClientResponse:
+        timeout = aiohttp.ClientTimeout(total=seconds)
+        return await self.session.post(
+            url, data=body, headers=headers, allow_redirects=False, timeout=timeout
+        )

@@ -37,7 +37,7 @@ from ..routing import Router
 from .delivery import Attempt, Endpoint, EndpointWorker, HttpSender, Retry, Secret, Sender
 from .policy import Health, HealthState, Schedule
 from .signing import generate_secret
-from .ssrf import AddressPolicy, safe_client
+from .ssrf import AddressPolicy, safe_session
 from .store import Failed, StoredAttempt, WebhookStore
 
 logger = logging.getLogger("tidings.webhooks")
@@ -132,9 +132,9 @@ class Webhooks:
         """Deliver to every enabled endpoint until ``stopping`` is set."""
         await self.store.open()
         try:
-            async with safe_client(self.policy, self.settings.timeout) as client:
+            async with safe_session(self.policy, self.settings.timeout) as session:
                 if self._sender is None:
-                    self._sender = HttpSender(client)
+                    self._sender = HttpSender(session)
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
                     tasks.create_task(self.store.run(stopping))

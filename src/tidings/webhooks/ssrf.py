@@ -9,9 +9,15 @@ Rules:
 - IP literals are read the way ``inet_aton`` and the WHATWG URL parser read them (decimal
   ``2130706433``, hex ``0x7f000001``, octal ``0177.0.0.1``, short ``127.1``), so a spelling
   cannot hide an address.
-- The host is resolved once, at connect time, by ``SafeBackend``; every resolved address is
-  checked and the socket connects to a checked IP literal, so no second lookup can rebind.
-  TLS (SNI, certificate verification) and the ``Host`` header still use the hostname.
+- The host is resolved once per new connection, by ``SafeResolver`` (aiohttp's DNS cache is
+  off); every resolved address is checked and the socket connects to a checked IP literal, so
+  no second lookup can rebind. TLS (SNI, certificate verification) and the ``Host`` header
+  still use the hostname. Resolving counts against the request's timeout.
+- aiohttp skips the resolver for hosts it takes for IP literals (all digits and dots, or a
+  colon), so ``safe_session`` also checks every request's URL, as aiohttp parsed it, before
+  connecting: a literal in any notation is refused there. Redirects are not followed
+  (``HttpSender``); one a caller follows is checked the same way.
+- No proxy from the environment, no decompression, no cookies, no unix sockets.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
-import httpcore
-import httpx
+import aiohttp
+from aiohttp import ClientHandlerType, ClientMiddlewareType, ClientRequest, ClientResponse
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from tidings.exceptions import BadRequest
 
@@ -250,7 +257,7 @@ class AddressPolicy:
     def check_url(self, url: str) -> None:
         """Refuse an endpoint URL by its shape, and by its host when that is an IP literal.
 
-        A hostname is only checked once resolved, when ``SafeBackend`` connects.
+        A hostname is only checked once resolved, by ``SafeResolver`` at every connection.
         """
         try:
             parts = urlsplit(url)
@@ -297,28 +304,22 @@ async def resolve(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
-class SafeBackend(httpcore.AsyncNetworkBackend):
-    """An httpcore network backend that resolves, checks and connects to IP literals only.
+class SafeResolver(AbstractResolver):
+    """An aiohttp resolver that resolves once, checks every address and returns IP literals.
 
-    If ANY resolved address is blocked, the connection is refused, rather than tried on the
-    allowed ones only: a name that mixes public and internal addresses is a rebinding or
-    split-horizon setup, the outcome would depend on which address is tried first, and a
-    clear refusal is easier to act on (allow the internal network to accept it on purpose).
+    If ANY resolved address is blocked, the name is refused, rather than tried on the allowed
+    ones only: a name that mixes public and internal addresses is a rebinding or split-horizon
+    setup, the outcome would depend on which address is tried first, and a clear refusal is
+    easier to act on (allow the internal network to accept it on purpose).
     """
 
-    def __init__(
-        self,
-        policy: AddressPolicy,
-        inner: httpcore.AsyncNetworkBackend | None = None,
-        resolver: Resolver = resolve,
-    ) -> None:
+    def __init__(self, policy: AddressPolicy, resolver: Resolver = resolve) -> None:
         self.policy = policy
-        self.inner = inner if inner is not None else httpcore.AnyIOBackend()
         self.resolver = resolver
 
     async def addresses(self, host: str, port: int) -> list[str]:
         """The checked addresses to connect to for ``host``, each an IP literal."""
-        literal = ip_literal(host)
+        literal = ip_literal(host)  # aiohttp passes names like "0x7f000001" here
         if literal is not None:
             found = [str(literal)]
             host_named: str | None = None
@@ -326,10 +327,11 @@ class SafeBackend(httpcore.AsyncNetworkBackend):
             try:
                 found = list(await self.resolver(host, port))
             except OSError as exc:
-                raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+                # aiohttp reports an OSError as ClientConnectorDNSError, with this strerror.
+                raise OSError(exc.errno, f"cannot resolve {host}: {exc.strerror or exc}") from exc
             host_named = host
         if not found:
-            raise httpcore.ConnectError(f"{host} resolves to no address")
+            raise OSError(socket.EAI_NONAME, f"{host} resolves to no address")
         targets: list[str] = []
         for text in found:
             address = ipaddress.ip_address(text.split("%", 1)[0])
@@ -340,99 +342,80 @@ class SafeBackend(httpcore.AsyncNetworkBackend):
                 targets.append(text)
         return targets
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 — httpcore's interface
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        try:
-            async with asyncio.timeout(timeout):
-                targets = await self.addresses(host, port)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
-        options = list(socket_options) if socket_options is not None else None
-        error: httpcore.ConnectError | None = None
-        for target in targets:
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            try:
-                return await self.inner.connect_tcp(
-                    target,
-                    port,
-                    timeout=left,
-                    local_address=local_address,
-                    socket_options=options,
-                )
-            except httpcore.ConnectError as exc:
-                error = exc  # try the next address, as a resolver-ordered client would
-        assert error is not None
-        raise error
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        # Called inside the request's timeout (``ClientTimeout.total``), which bounds it.
+        # ``hostname`` stays the name: aiohttp uses the URL's host for SNI, certificate
+        # checks and ``Host``, and connects to ``host``, the checked literal.
+        flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+        return [
+            ResolveResult(hostname=host, host=target, port=port, proto=0, flags=flags,
+                          family=socket.AF_INET6 if ":" in target else socket.AF_INET)
+            for target in await self.addresses(host, port)
+        ]  # fmt: skip
 
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 — httpcore's interface
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("webhooks never connect to a unix socket")
-
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
+    async def close(self) -> None:
+        pass
 
 
-class SafeTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport over a ``SafeBackend``; every request's URL is checked first."""
+def _checking(policy: AddressPolicy) -> ClientMiddlewareType:
+    """A session middleware that checks the URL of every request aiohttp sends."""
 
-    def __init__(
-        self,
-        policy: AddressPolicy,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        resolver: Resolver = resolve,
-    ) -> None:
-        # No pool-wide cap: the endpoints' own concurrency bounds what is in flight, and a
-        # request queued behind other endpoints' in a shared pool would time out unsent and be
-        # logged as the receiver's timeout. Idle connections are kept for reuse, within bounds.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
-        context = ssl_context if ssl_context is not None else httpx.create_ssl_context()
-        super().__init__(verify=context, trust_env=False, limits=limits)
-        self.policy = policy
-        # httpx builds its pool without a way to pass a network backend: swap in an
-        # equivalent pool that has ours (the same arguments AsyncHTTPTransport passes).
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=SafeBackend(policy, resolver=resolver),
-        )
+    async def check(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        # ``request.url`` is what aiohttp connects to, as yarl normalised it (yarl reads
+        # "１２７.0.0.1" as 127.0.0.1, where urlsplit sees a name). aiohttp skips the resolver
+        # for hosts that look numeric, so literals are checked here, on this form.
+        policy.check_url(str(request.url))
+        if request.proxy is not None:  # it would connect, on our behalf, where it likes
+            raise InvalidEndpoint("webhook requests never go through a proxy")
+        literal = ip_literal(request.url.raw_host or "")
+        if literal is not None:
+            policy.check_address(literal)
+        return await handler(request)
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        # Redirects followed by a caller come back through here, and are checked too.
-        self.policy.check_url(str(request.url))
-        return await super().handle_async_request(request)
+    return check
 
 
-def safe_client(
+def safe_session(
     policy: AddressPolicy,
-    timeout: float | httpx.Timeout,
+    timeout: float,
     *,
     ssl_context: ssl.SSLContext | None = None,
     resolver: Resolver = resolve,
-) -> httpx.AsyncClient:
-    """An httpx client for webhook deliveries: checked addresses only, no redirects.
+) -> aiohttp.ClientSession:
+    """An aiohttp session for webhook deliveries: checked addresses only.
 
-    ``trust_env=False``: a proxy from the environment would connect on our behalf, to
-    addresses we never checked (httpx already skips environment proxies when it is given a
-    transport; this keeps it so whatever httpx does).
+    Every request's URL is checked (a middleware, so redirects a caller follows are checked
+    too; tidings never follows them; a request's own ``middlewares=`` would replace it, so
+    pass none). Besides:
+
+    - no pool-wide connection cap: the endpoints' own concurrency bounds what is in flight, and
+      a request queued behind other endpoints' would time out unsent and be logged as the
+      receiver's timeout;
+    - no DNS cache: every new connection resolves and checks again;
+    - idle connections are kept 4 s, under the 5 s after which Node, uvicorn and Apache close
+      theirs, so a request rarely goes out on a connection the receiver is closing;
+    - ``trust_env=False``: a proxy from the environment would connect on our behalf, to
+      addresses we never checked;
+    - no decompression (the attempt log keeps the raw bytes; no decompression bombs), no
+      cookie jar, no unix sockets (``TCPConnector`` only).
     """
-    return httpx.AsyncClient(
-        transport=SafeTransport(policy, ssl_context=ssl_context, resolver=resolver),
-        timeout=timeout,
-        follow_redirects=False,
+    connector = aiohttp.TCPConnector(
+        resolver=SafeResolver(policy, resolver),
+        use_dns_cache=False,
+        limit=0,
+        limit_per_host=0,
+        keepalive_timeout=4.0,
+        # True: aiohttp's verifying context, ssl.create_default_context() (the system's CAs)
+        ssl=ssl_context if ssl_context is not None else True,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout),
         trust_env=False,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        raise_for_status=False,
+        middlewares=(_checking(policy),),
     )
