@@ -1,6 +1,6 @@
 """The ``webhooks`` workload: webhook deliveries/s from tidings to a fast local receiver.
 
-    .venv/bin/python benchmarks/run.py webhooks [--endpoints 100] [--events 60]
+    .venv/bin/python benchmarks/run.py webhooks [--endpoints 100] [--events 600]
                                                 [--concurrency N] [--payload 256]
 
 The server is the usual ``taskset -c 0 python -m tidings serve`` (SQLite, ``durability=normal``)
@@ -573,7 +573,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("webhooks")
     for flag, kind, default, text in (
         ("--endpoints", int, 100, "endpoints registered (100)"),
-        ("--events", int, 60, "events published (60)"),
+        ("--events", int, 600, "events published (600)"),
         ("--concurrency", int, 0, "attempts in flight per endpoint (0: the server's default, "
          "webhooks.concurrency = 4)"),
         ("--payload", int, 256, "event data bytes (JSON, 256)"),
