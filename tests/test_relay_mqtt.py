@@ -1038,3 +1038,29 @@ async def test_mqtts_with_a_ca_file_and_url_credentials(
         return error
 
     assert "CERTIFICATE_VERIFY_FAILED" in await until(unverified, "the TLS refusal")
+
+
+async def test_an_event_over_the_brokers_packet_size_is_skipped_not_a_stuck_relay(
+    servers: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    directory = tmp_path / "small"
+    directory.mkdir()
+    broker = PrivateMosquitto(directory, "allow_anonymous true\nmax_packet_size 2000\n")
+    broker.start()
+    try:
+        prefix = unique("out")
+        node = servers(mqtt_url=f"mqtt://{HOST}:{broker.port}", mqtt_prefix=prefix,
+                       mqtt_inbound_prefix="")  # fmt: skip
+        async with http(node) as client, subscriber(f"{prefix}/#", port=broker.port) as sub:
+            big = await client.post("/channels/big", content=b"x" * 3000)
+            small = await client.post("/channels/small", content=b"ok")
+            assert big.status_code == small.status_code == 201
+            [message] = await sub.until(1)
+            assert message.cursor == small.json()["id"]  # the one after it still goes out
+            metrics = (await client.get("/metrics")).text
+            assert 'tidings_relay_refused_events_total{reason="too_large",relay="mqtt"} 1.0' in (
+                metrics
+            )
+            assert (await relay_status(client))["connected"]
+    finally:
+        broker.stop()

@@ -89,6 +89,12 @@ class Metrics:
             ["relay"],
             registry=r,
         )
+        self.relay_refused = Counter(
+            "tidings_relay_refused_events",
+            "Events a broker cannot take (over its maximum packet size), skipped and logged",
+            ["relay", "reason"],
+            registry=r,
+        )
         self.relay_lag = Gauge(
             "tidings_relay_lag_seconds",
             "Age of the oldest event a relay has not yet had confirmed by its broker",

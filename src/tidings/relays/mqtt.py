@@ -385,7 +385,7 @@ class MQTTRelay:
 
     # -- one connection ----------------------------------------------------------------------
 
-    def _client(self, window: list[int]) -> aiomqtt.Client:
+    def _client(self, window: list[int], packet: list[int | None]) -> aiomqtt.Client:
         inbound = bool(self.inbound_prefix)
         expiry = SESSION_EXPIRY if self.stable_id else RANDOM_SESSION_EXPIRY
         options: dict[str, Any] = {}
@@ -423,6 +423,7 @@ class MQTTRelay:
                       properties: Properties | None = None) -> None:  # fmt: skip
             limit = getattr(properties, "ReceiveMaximum", None) if self.v5 else None
             window[0] = min(MAX_WINDOW, limit or DEFAULT_WINDOW)
+            packet[0] = getattr(properties, "MaximumPacketSize", None) if self.v5 else None
             if on_connect is not None:
                 on_connect(c, userdata, flags, reason, properties)
 
@@ -436,8 +437,9 @@ class MQTTRelay:
         A lost connection is noticed by the inbound reader (even with inbound off: aiomqtt's
         message iterator ends on disconnect), which fails the TaskGroup; that cancels whatever
         the relay is doing inside this context, and the connection's error comes out of it."""
-        window = [DEFAULT_WINDOW]
-        client = self._client(window)
+        window: list[int] = [DEFAULT_WINDOW]
+        packet: list[int | None] = [None]  # the broker's Maximum Packet Size (CONNACK), if any
+        client = self._client(window, packet)
         async with client:
             self._resume = True  # the session exists now: reconnects resume it
             try:
@@ -446,7 +448,7 @@ class MQTTRelay:
                         await self._subscribe(client)
                     inbound = _Receiver(self, client)
                     reader = tasks.create_task(inbound.run())
-                    yield MQTTLink(self, client, window[0])
+                    yield MQTTLink(self, client, window[0], packet[0])
                     await inbound.settle(within=STOP_GRACE)
                     reader.cancel()
             except BaseExceptionGroup as group:
@@ -501,15 +503,38 @@ class MQTTRelay:
 class MQTTLink:
     """Publishes batches of events on one connection (a ``relays.Link``)."""
 
-    def __init__(self, relay: MQTTRelay, client: aiomqtt.Client, window: int) -> None:
+    def __init__(
+        self, relay: MQTTRelay, client: aiomqtt.Client, window: int, max_packet: int | None
+    ) -> None:
         self.relay = relay
         self.client = client
         self.window = window
+        self.max_packet = max_packet
+
+    def fits(self, event: Event) -> bool:
+        """Whether the broker takes ``event``'s PUBLISH (MQTT 5 §3.2.2.3.6: a larger packet is a
+        protocol error, the broker would disconnect and the relay retry it forever). One it
+        cannot take is skipped, counted and logged: a loss said plainly, not a stuck relay."""
+        if self.max_packet is None:
+            return True
+        topic = topic_of(self.relay.prefix, event.channel).encode()
+        properties = len(publish_properties(event)) if self.relay.v5 else 0
+        body = 2 + len(topic) + (2 if self.relay.settings.qos else 0) + properties
+        size = 1 + 4 + body + len(event.data)  # fixed header with the longest length field
+        if size <= self.max_packet:
+            return True
+        self.relay.hub.metrics.relay_refused.labels(self.relay.name, "too_large").inc()
+        logger.error(
+            "relay mqtt: event %s not relayed: its PUBLISH is %d bytes, over the broker's "
+            "Maximum Packet Size of %d", event.cursor, size, self.max_packet,
+        )  # fmt: skip
+        return False
 
     async def send(self, events: Sequence[Event]) -> None:
         relay, client, qos = self.relay, self.client, self.relay.settings.qos
         slots = asyncio.Semaphore(self.window)
         confirmed = 0
+        events = [event for event in events if self.fits(event)]
 
         async def publish(event: Event) -> None:
             nonlocal confirmed
