@@ -44,7 +44,7 @@ def _banner(node: object) -> None:
     if node.context.webhooks is not None:
         webhook_line = f"  webhooks  {url}/webhooks   (admin API, docs/webhooks.md)\n"
     relay_lines = "".join(
-        f"  relay     {relay.name} -> {getattr(s, relay.name).url.split('@')[-1]}   "
+        f"  relay     {relay.name} -> {_without_password(getattr(s, relay.name).url)}   "
         "(docs/relays.md)\n"
         for relay in node.context.relays
     )
@@ -68,6 +68,17 @@ def _banner(node: object) -> None:
         f'  curl -d \'{{"hello": "world"}}\' {url}/channels/demo/greetings\n',
         flush=True,
     )
+
+
+def _without_password(url: str) -> str:
+    """``url`` as safe to print: the user name kept, the password not."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _gc_freeze_then(on_ready: Callable[[Any], None]) -> Callable[[Any], None]:

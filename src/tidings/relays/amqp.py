@@ -60,6 +60,7 @@ from ..config import AMQPSettings
 from ..events import Event, parse_patterns
 from ..exceptions import (
     BadRequest,
+    ConfigError,
     Forbidden,
     InvalidChannel,
     InvalidEvent,
@@ -328,6 +329,11 @@ class AMQPRelay:
     name = "amqp"
 
     def __init__(self, hub: Hub, settings: AMQPSettings, max_event_bytes: int) -> None:
+        if not settings.channels and not settings.inbound_queue:
+            raise ConfigError(
+                "amqp: nothing to relay: amqp.channels (outbound) and amqp.inbound_queue "
+                "(inbound) are both empty"
+            )
         self.hub = hub
         self.settings = settings
         self.outbound: OutboundRelay | None = None
@@ -494,7 +500,7 @@ class AMQPRelay:
                 if first is None:
                     return  # stopping: the broker requeues whatever was delivered but unacked
                 batch = [first]
-                while not inbox.empty() and len(batch) < (cfg.prefetch or 1024):  # 0: no limit
+                while not inbox.empty() and len(batch) < cfg.prefetch:
                     batch.append(inbox.get_nowait())
                 await self._settle(batch, dlx)
         finally:
