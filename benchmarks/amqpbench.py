@@ -22,9 +22,6 @@ both, so these numbers are for the machine, not the relay alone.
 - **latency**: single-event publishes paced at ``--rate`` for ``--seconds``; each event's data
   carries ``time.time_ns()`` taken before its request is written, and the consumer subtracts it
   from ``time.time_ns()`` at receipt (same host clock): p50/p90/p99/max.
-
-Until the server passes ``make_relays()`` to its Context, it is started through a small shim
-(``SERVE``, as tests/brokers.py ``wire_relays``) that does; once it does, the shim does nothing.
 """
 
 from __future__ import annotations
@@ -49,29 +46,6 @@ from target import CLK_TCK, Server, Window, percentile, running_server
 
 CHANNEL = "bench/amqp"
 _TS = re.compile(rb'"t":(\d+)')
-SERVE = """
-import dataclasses, sys
-from tidings import server
-original = server.Tidings.__init__
-def __init__(self, settings):
-    original(self, settings)
-    if not self.context.relays:
-        self.context = dataclasses.replace(
-            self.context, relays=server.make_relays(self.hub, settings))
-        self.app.state.tidings = self.context
-server.Tidings.__init__ = __init__
-from tidings.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-class RelayServer(Server):
-    """target.Server, run through SERVE instead of ``-m tidings``."""
-
-    def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
-        super().__init__(args, env)
-        i = self.command.index("-m")
-        self.command[i : i + 2] = ["-c", SERVE]
 
 
 class Consumer:
@@ -222,7 +196,7 @@ async def main(args: argparse.Namespace) -> int:
         "TIDINGS_AMQP_INBOUND_QUEUE": "",
     }
     try:
-        async with running_server(args, env, RelayServer(args, env)) as server:
+        async with running_server(args, env, Server(args, env)) as server:
             for _ in range(400):
                 health = await server.health()
                 if health.get("relays", {}).get("amqp", {}).get("connected"):

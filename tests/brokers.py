@@ -10,11 +10,9 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import socket
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -120,29 +118,3 @@ class TCPProxy:
         finally:
             self._pairs.discard(writer)
             writer.transport.abort()
-
-
-def wire_relays() -> Callable[[], None]:
-    """Make every ``Tidings`` run the relays its settings configure, and return the undo.
-
-    ``server.make_relays`` exists but ``build_app`` does not yet pass its relays to the
-    Context, so the server would never run them. This fills ``context.relays`` after
-    ``Tidings.__init__`` when it is empty; once the server wires them itself it does nothing."""
-    from tidings import server
-
-    original = server.Tidings.__init__
-
-    def __init__(self: server.Tidings, settings: Any) -> None:
-        original(self, settings)
-        if not self.context.relays:
-            self.context = dataclasses.replace(
-                self.context, relays=server.make_relays(self.hub, settings)
-            )
-            self.app.state.tidings = self.context
-
-    server.Tidings.__init__ = __init__  # type: ignore[method-assign]
-
-    def undo() -> None:
-        server.Tidings.__init__ = original  # type: ignore[method-assign]
-
-    return undo

@@ -29,7 +29,7 @@ import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from prometheus_client.parser import text_string_to_metric_families
 
-from brokers import TCPProxy, require_service, wire_relays
+from brokers import TCPProxy, require_service
 from conftest import RunningServer, make_settings
 from streaming import SSEClient
 from tidings.backoff import Backoff
@@ -48,17 +48,6 @@ from tidings.relays.amqp import PERSISTENT, channel_of, properties, reason_of
 HOST, PORT = "127.0.0.1", 5672
 BROKER = f"amqp://guest:guest@{HOST}:{PORT}/"
 DEADLINE = 30.0  # seconds for anything to arrive; reconnect backoff stays well under it
-
-# ``tidings serve`` for the kill -9 test, with the relays wired in (brokers.wire_relays).
-SERVE = f"""
-import sys
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-import brokers
-brokers.wire_relays()
-from tidings.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
 
 # -- the pure mappings (no broker) -------------------------------------------------------------
 
@@ -218,7 +207,6 @@ async def names(amqp: AbstractConnection) -> AsyncIterator[Names]:
 @pytest.fixture
 def servers(names: Names, tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
     """Start tidings nodes relaying to ``names``; overrides as in ``make_server``."""
-    unwire = wire_relays()
     started: list[RunningServer] = []
 
     def start(url: str = BROKER, **overrides: Any) -> RunningServer:
@@ -230,11 +218,8 @@ def servers(names: Names, tmp_path: Path) -> Iterator[Callable[..., RunningServe
     try:
         yield start
     finally:
-        try:
-            for node in reversed(started):
-                node.stop()
-        finally:
-            unwire()
+        for node in reversed(started):
+            node.stop()
 
 
 async def relay_status(client: httpx.AsyncClient) -> dict[str, Any]:
@@ -596,7 +581,7 @@ def free_port() -> int:
 
 
 class Serve:
-    """``tidings serve --amqp`` as a process (see SERVE), for kill -9."""
+    """``tidings serve --amqp`` as a process, for kill -9."""
 
     def __init__(self, db: Path, environ: dict[str, str], log: Path) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
@@ -605,7 +590,7 @@ class Serve:
         self.log = log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", SERVE, "serve", "--port", self.url.rsplit(":", 1)[1],
+                [sys.executable, "-m", "tidings", "serve", "--port", self.url.rsplit(":", 1)[1],
                  "--grpc-port", "0", "--db", str(db), "--amqp", BROKER],
                 stdout=out, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
