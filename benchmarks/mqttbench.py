@@ -33,165 +33,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import re
 import sys
 import time
 import uuid
-from pathlib import Path
-from typing import Any
 
 import aiomqtt
 import orjson
 
-from loadgen import HTTPConnection, check_ack, payload, request
-from target import CLK_TCK, Server, Window, percentile, running_server
+from loadgen import payload
+from relaycommon import Receipts, Relay, add_options, measure, server_defaults, until_connected
+from target import running_server
 
-CHANNEL = "bench/mqtt"
+MQTT = Relay("mqtt", "bench/mqtt", broker="mosquitto", comm="mosquitto", receiver="subscriber",
+             lossy=True)  # fmt: skip
+CHANNEL = MQTT.channel
 CURSOR = "tidings-cursor"
-_TS = re.compile(rb'"t":(\d+)')
 
 
-class Subscriber:
-    """Receipts of one subscription: cursor -> (send ns from the data, first receipt ns)."""
-
-    def __init__(self) -> None:
-        self.first: dict[str, tuple[int, int]] = {}
-        self.duplicates = 0
-        self.last_receipt = 0.0
-        self.arrived = asyncio.Event()
-        self.expect = 0
+class Subscriber(Receipts):
+    """Receipts of one subscription, by cursor."""
 
     def on_message(self, message: aiomqtt.Message) -> None:
         now = time.time_ns()
         users = dict(getattr(message.properties, "UserProperty", None) or ())
         key = users.get(CURSOR) or f"?{len(self.first)}"  # MQTT 3.1.1: no cursor to go by
-        if key in self.first:
-            self.duplicates += 1
-            return
         body = message.payload if isinstance(message.payload, bytes) else b""
-        match = _TS.search(body)
-        self.first[key] = (int(match.group(1)) if match else 0, now)
-        self.last_receipt = time.perf_counter()
-        if len(self.first) >= self.expect:
-            self.arrived.set()
-
-    def reset(self, expect: int) -> None:
-        self.first.clear()
-        self.duplicates = 0
-        self.expect = expect
-        self.arrived.clear()
+        self.record(key, body, now)
 
     async def run(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             self.on_message(message)
-
-
-def broker_pid() -> int | None:
-    """Mosquitto's process, to read its CPU time (never touched otherwise)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "mosquitto":
-                    return int(entry.name)
-    return None
-
-
-def cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-async def until_confirmed(server: Server, cursor: str) -> float:
-    """perf_counter time at which /healthz first shows the relay's cursor at ``cursor``."""
-    seq = int(cursor.rsplit(":", 1)[1])
-    while True:
-        status = (await server.health())["relays"]["mqtt"]
-        if status["cursor"] and int(status["cursor"].rsplit(":", 1)[1]) >= seq:
-            return time.perf_counter()
-        await asyncio.sleep(0.005)
-
-
-async def throughput(args: argparse.Namespace, server: Server, sub: Subscriber) -> dict[str, Any]:
-    n, batch = args.events, args.batch
-    requests = n // batch
-    event = {"channel": CHANNEL, "data": payload(args.payload)}
-    raw = request("POST", "/publish", orjson.dumps({"events": [event] * batch}))
-    sub.reset(requests * batch)
-    conns = [await HTTPConnection.open(server.port) for _ in range(args.in_flight)]
-    broker = broker_pid()
-    broker0 = cpu_seconds(broker)
-    last: list[str] = []
-    with Window(server) as window:
-        t0 = time.perf_counter()
-
-        async def worker(conn: HTTPConnection, count: int) -> None:
-            for _ in range(count):
-                status, body = await conn.send(raw)
-                if status != 201:
-                    raise RuntimeError(f"publish answered {status}: {body[:200]!r}")
-                last.append(orjson.loads(body)["events"][-1]["id"])
-
-        share = [requests // len(conns) + (i < requests % len(conns)) for i in range(len(conns))]
-        await asyncio.gather(*(worker(c, k) for c, k in zip(conns, share, strict=True)))
-        published = time.perf_counter()
-        newest = max(last, key=lambda c: int(c.rsplit(":", 1)[1]))
-        confirmed = await asyncio.wait_for(until_confirmed(server, newest), args.timeout)
-        with contextlib.suppress(TimeoutError):  # what is missing then is reported
-            await asyncio.wait_for(sub.arrived.wait(), 5.0)
-    for conn in conns:
-        conn.close()
-    total = requests * batch
-    return {
-        "events": total,
-        "http_publish_per_s": round(total / (published - t0)),
-        "relay_confirmed_per_s": round(total / (confirmed - t0)),
-        "subscriber_received_per_s": round(len(sub.first) / (sub.last_receipt - t0))
-        if sub.first
-        else 0,
-        "missing": total - len(sub.first),
-        "duplicates": sub.duplicates,
-        "server_cpu_us_per_event": round(1e6 * window.server_cpu / total, 1),
-        "mosquitto_cpu_util": round((cpu_seconds(broker) - broker0) / window.elapsed, 3),
-        **window.summary(),
-    }
-
-
-async def latency(args: argparse.Namespace, server: Server, sub: Subscriber) -> dict[str, Any]:
-    conn = await HTTPConnection.open(server.port)
-    path = f"/channels/{CHANNEL}"
-    sent = 0
-    sub.reset(1 << 62)
-    loop = asyncio.get_running_loop()
-    interval, nxt = 1.0 / args.rate, loop.time()
-    end = nxt + args.seconds
-    while nxt < end:
-        t = time.time_ns()
-        await check_ack(conn.send(request("POST", path, orjson.dumps(payload(args.payload, t)))))
-        sent += 1
-        nxt += interval
-        await asyncio.sleep(max(0.0, nxt - loop.time()))
-    conn.close()
-    sub.expect = sent
-    if len(sub.first) >= sent:
-        sub.arrived.set()
-    with contextlib.suppress(TimeoutError):  # what is missing then is reported
-        await asyncio.wait_for(sub.arrived.wait(), args.timeout)
-    lat = sorted((now - t) / 1e6 for t, now in sub.first.values())
-    return {
-        "rate_per_s": args.rate,
-        "sent": sent,
-        "received": len(sub.first),
-        "duplicates": sub.duplicates,
-        "p50_ms": round(percentile(lat, 50), 2),
-        "p90_ms": round(percentile(lat, 90), 2),
-        "p99_ms": round(percentile(lat, 99), 2),
-        "max_ms": round(lat[-1], 2) if lat else None,
-    }
 
 
 async def link_only(args: argparse.Namespace) -> int:
@@ -239,19 +111,8 @@ async def main(args: argparse.Namespace) -> int:
         reader = asyncio.create_task(sub.run(client))
         try:
             async with running_server(args, env) as server:
-                for _ in range(400):
-                    health = await server.health()
-                    if health.get("relays", {}).get("mqtt", {}).get("connected"):
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise RuntimeError(f"the relay did not connect: {health}\n{server.log()}")
-                print(f"throughput: {args.events} events in batches of {args.batch}", flush=True)
-                for key, value in (await throughput(args, server, sub)).items():
-                    print(f"  {key:32} {value}")
-                print(f"latency: {args.rate} events/s for {args.seconds} s", flush=True)
-                for key, value in (await latency(args, server, sub)).items():
-                    print(f"  {key:32} {value}")
+                await until_connected(server, MQTT)
+                await measure(args, server, MQTT, sub)
         finally:
             reader.cancel()
     return 0
@@ -261,22 +122,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--url", default="mqtt://127.0.0.1:1883")
     p.add_argument("--protocol", default="5", choices=("5", "3.1.1"))
-    p.add_argument("--events", type=int, default=20_000)
-    p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--in-flight", type=int, default=4)
-    p.add_argument("--payload", type=int, default=256)
-    p.add_argument("--rate", type=float, default=500.0)
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--durability", default="normal", choices=("normal", "full"))
+    add_options(p, "mqtt")
     p.add_argument("--link-only", action="store_true", help="measure MQTTLink.send alone")
-    p.add_argument("--on-start", help="run this once the server is up, e.g. a profiler: "
-                   "'py-spy record --format raw -o /tmp/mqtt.txt --pid {pid}'")  # fmt: skip
-    args = p.parse_args(argv)
-    # What target.Server and running_server read.
-    args.port, args.queue_size, args.python = 0, 0, None
-    args.gc_stats, args.gc_threshold, args.gc_freeze = False, None, None
-    return args
+    return server_defaults(p.parse_args(argv))
 
 
 if __name__ == "__main__":
