@@ -1,5 +1,5 @@
 """The ``tidings`` command: ``serve``, ``status``, ``token``, ``keys``, ``publish``,
-``subscribe``, ``webhooks``.
+``subscribe``, ``webhooks``, ``bench``.
 
 Only this module decides exit codes: 0 success, 1 a failed request or lost connection,
 2 bad usage or configuration, 130 interrupted.
@@ -220,6 +220,26 @@ def _grant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin", action="store_true", help="may read metrics and manage keys")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.command import handle
+
+    return handle(args)
+
+
+def _bench_parser(commands: Any) -> None:
+    from .bench.command import add_arguments
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure every transport on this machine",
+        description="Run the same workload over each transport (a fresh hub each, or --url) "
+        "and print the seed's comparison table with measured latency, bytes per event, "
+        "throughput, server CPU and memory; write JSON and a PNG chart. See docs/benchmarks.md.",
+    )
+    add_arguments(bench)
+    bench.set_defaults(handler=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidings", description="A real-time notification hub.")
     parser.add_argument("--version", action="version", version=f"tidings {__version__}")
@@ -307,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the /healthz answer as is")
     status.set_defaults(handler=cmd_status)
+
+    _bench_parser(commands)
 
     from .client import cli as client_cli
 
