@@ -239,7 +239,7 @@ def test_text_table_splits_columns_to_fit_the_width() -> None:
 
 # -- the command, end to end --------------------------------------------------------------------
 
-SMOKE = ["ws", "sse"]
+SMOKE = ["ws", "sse", "longpoll", "poll", "grpc"]
 
 
 def test_bench_runs_every_transport_with_zero_losses_and_writes_json_and_png(
