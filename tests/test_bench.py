@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,17 @@ from typing import Any
 import pytest
 
 from tidings.bench import report
+from tidings.bench.amqp import AMQPConnection
+from tidings.bench.amqp import method as amqp_method
+from tidings.bench.amqp import shortstr as amqp_shortstr
+from tidings.bench.mqtt import MQTTConnection
+from tidings.bench.mqtt import packet as mqtt_packet
+from tidings.bench.mqtt import utf8 as mqtt_utf8
+from tidings.bench.mqtt import walk as mqtt_walk
 from tidings.bench.sse import SSEConnection
 from tidings.bench.stats import Meter, Tally, latency_summary, per_delivery, percentile
 from tidings.bench.subscriber import Subscriber
+from tidings.bench.webhooks import NO_CONTENT, UNAVAILABLE, Hook, Receiver
 from tidings.bench.wire import N_OFFSET, payload, stamps
 from tidings.bench.workload import spread
 from tidings.bench.ws import PING, PONG, WS_ACCEPT, WSConnection, walk
@@ -174,6 +183,82 @@ async def test_ws_counts_handshake_events_and_the_pong_it_sends() -> None:
     assert meter.received == len(stream)
     pong = transport.written[-1]
     assert pong[0] == 0x80 | PONG and len(pong) == 2 + 4 + len(b"are you there")
+    assert meter.sent == sum(len(w) for w in transport.written)
+
+
+def test_webhook_receiver_counts_deliveries_and_refuses_a_dropped_endpoint() -> None:
+    meter = Meter()
+    receiver = Receiver(meter)
+    sub = Subscriber(0, "bench/x", meter)
+    receiver.paths[b"/hook/a"] = sub
+    hook = Hook(receiver)
+    transport = FakeTransport()
+    hook.connection_made(transport)  # type: ignore[arg-type]
+    body = b'{"specversion":"1.0","id":"e1:1"}'
+    req = (
+        b"POST /hook/a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nwebhook-id: e1:1\r\n\r\n"
+        % len(body)
+        + body
+    )
+    hook.data_received(req + req[:20])
+    hook.data_received(req[20:])
+    assert sub.count == 2 and transport.written == [NO_CONTENT, NO_CONTENT]
+    receiver.down.add(b"/hook/a")
+    hook.data_received(req)
+    assert sub.count == 2 and transport.written[-1] == UNAVAILABLE and receiver.refused == 1
+    assert meter.received == 3 * len(req)
+    assert meter.sent == 2 * len(NO_CONTENT) + len(UNAVAILABLE)
+
+
+async def test_mqtt_acknowledges_each_qos1_publish_in_one_write() -> None:
+    meter = Meter()
+    sub = Subscriber(0, "bench/x", meter)
+    conn = MQTTConnection(sub, b"hello", "tidings/bench/x")
+    sub.conn, sub.closed = conn, False
+    transport = FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+
+    def publish(packet_id: int, data: bytes) -> bytes:
+        body = mqtt_utf8("tidings/bench/x") + packet_id.to_bytes(2, "big") + b"\x00" + data
+        return mqtt_packet(3, 0x2, body)  # QoS 1
+
+    stream = b"\x20\x03\x00\x00\x00" + b"\x90\x04\x00\x01\x00\x01"  # CONNACK, SUBACK
+    stream += publish(7, payload(300, 1_700_000_000_000_000_000, 0)) + publish(8, b"{}")
+    conn.data_received(stream[:9])
+    conn.data_received(stream[9:])
+    assert conn.opened.done() and sub.count == 2
+    assert transport.written[-1] == b"\x40\x02\x00\x07\x40\x02\x00\x08"
+    assert meter.received == len(stream)
+    assert meter.sent == sum(len(w) for w in transport.written)
+    packets, rest = mqtt_walk(stream[:-3])
+    assert [p[0] for p in packets] == [2, 9, 3] and rest == len(stream) - len(publish(8, b"{}"))
+
+
+async def test_amqp_counts_complete_deliveries_and_acks_them_together() -> None:
+    meter = Meter()
+    sub = Subscriber(0, "bench/x", meter)
+    conn = AMQPConnection(sub, b"", "guest", "guest", "/")
+    sub.conn, sub.closed = conn, False
+    transport = FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+
+    def delivery(tag: int, body: bytes) -> bytes:
+        deliver = amqp_shortstr("ctag") + tag.to_bytes(8, "big") + b"\x00"
+        deliver += amqp_shortstr("tidings") + amqp_shortstr("bench.x")
+        header = struct.pack(">HHQH", 60, 0, len(body), 0)
+        frame = struct.Struct(">BHI")
+        return (
+            amqp_method(1, 60, 60, deliver)
+            + frame.pack(2, 1, len(header)) + header + b"\xce"
+            + frame.pack(3, 1, len(body)) + body + b"\xce"
+        )  # fmt: skip
+
+    stream = delivery(1, b'{"a":1}') + delivery(2, payload(256))
+    conn.data_received(stream[:-40])
+    assert sub.count == 1 and transport.written[-1].endswith(b"\x00" * 7 + b"\x01\x01\xce")
+    conn.data_received(stream[-40:])
+    assert sub.count == 2 and transport.written[-1].endswith(b"\x00" * 7 + b"\x02\x01\xce")
+    assert meter.received == len(stream)
     assert meter.sent == sum(len(w) for w in transport.written)
 
 

@@ -58,6 +58,8 @@ class Driver:
     # Where the subscribers' state lives: "hub" (a connection or subscription on the server)
     # or "broker" (MQTT/AMQP: the hub holds one relay however many subscribers there are).
     held_by: ClassVar[str] = "hub"
+    # The longest a dropped subscriber may stay away (None: any time).
+    max_outage: ClassVar[float | None] = None
 
     def __init__(self, target: Target, meter: Meter) -> None:
         self.target = target

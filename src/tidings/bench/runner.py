@@ -115,6 +115,7 @@ def start_hub(options: Options, transport: str, cores: list[int]) -> LocalHub:
     env: dict[str, str] = {}
     if transport == "webhooks":
         env.update(WEBHOOKS_TO_LOOPBACK)
+        env["TIDINGS_WEBHOOKS_MAX_ENDPOINTS"] = str(max(1000, options.subscribers))
     elif transport == "mqtt":
         args = ("--mqtt", options.mqtt or DEFAULT_MQTT)
     elif transport == "amqp":

@@ -285,6 +285,8 @@ class Workload:
         for s in dropped:
             s.samples = None  # a resumed subscriber's replay is not a latency
         drop_at, resume_at = total // 3, 2 * total // 3
+        if driver.max_outage is not None:
+            resume_at = min(resume_at, drop_at + max(1, int(driver.max_outage * p.rate)))
         resuming: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
         interval = 1.0 / p.rate
