@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,63 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
+from serving import Serve
 from streaming import SSEClient
 from tidings.events import Cursor
 
-STARTUP = 20.0  # seconds for a fresh interpreter to import everything and listen
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Process:
-    """``python -m tidings serve`` on a free port, with its output kept for failure reports."""
-
-    def __init__(self, db: Path, tmp_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.output = tmp_path / f"serve-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
-        with open(self.output, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tidings", "serve", "--port", str(self.port),
-                 "--db", str(db)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )  # fmt: skip
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"tidings exited {self.proc.returncode}: {self.log()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"tidings did not answer /healthz within {STARTUP} s: {self.log()}")
-
-    def log(self) -> str:
-        return self.output.read_text(errors="replace")[-3000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[list[Process]]:
-    started: list[Process] = []
+def processes(tmp_path: Path) -> Iterator[list[Serve]]:
+    started: list[Serve] = []
     yield started
     for p in started:
         p.kill()
@@ -101,11 +49,9 @@ def read_history(url: str) -> list[dict[str, Any]]:
     raise AssertionError("history did not end")
 
 
-def test_every_acknowledged_publish_survives_kill_9(
-    tmp_path: Path, processes: list[Process]
-) -> None:
+def test_every_acknowledged_publish_survives_kill_9(tmp_path: Path, processes: list[Serve]) -> None:
     db = tmp_path / "crash.db"
-    server = Process(db, tmp_path)
+    server = Serve(db, tmp_path)
     processes.append(server)
     target = 500
     acknowledged: dict[str, tuple[str, dict[str, int]]] = {}  # cursor -> (channel, data)
@@ -146,7 +92,7 @@ def test_every_acknowledged_publish_survives_kill_9(
     assert server.proc.returncode == -signal.SIGKILL
     assert len(acked) >= target
 
-    restarted = Process(db, tmp_path)
+    restarted = Serve(db, tmp_path)
     processes.append(restarted)
     events = read_history(restarted.url)
     by_id = {e["id"]: e for e in events}
@@ -173,9 +119,9 @@ def test_every_acknowledged_publish_survives_kill_9(
 
 
 def test_sigterm_ends_open_streams_cleanly_and_exits_0(
-    tmp_path: Path, processes: list[Process]
+    tmp_path: Path, processes: list[Serve]
 ) -> None:
-    server = Process(tmp_path / "term.db", tmp_path)
+    server = Serve(tmp_path / "term.db", tmp_path)
     processes.append(server)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         published = client.post("/channels/t", json=1).json()["id"]
@@ -204,7 +150,7 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_0(
     assert held[0].json()["cursor"] == published
     assert server.proc.wait(15) == 0, server.log()
     # The history written before the shutdown is intact on the next start.
-    again = Process(tmp_path / "term.db", tmp_path)
+    again = Serve(tmp_path / "term.db", tmp_path)
     processes.append(again)
     assert [e["id"] for e in read_history(again.url)] == [published]
 

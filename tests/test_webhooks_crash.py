@@ -8,11 +8,7 @@ verifies with the Standard Webhooks reference verifier.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -24,10 +20,10 @@ import httpx
 import pytest
 import standardwebhooks
 
+from serving import Serve
 from tidings.events import Cursor
 from webhook_receiver import Answer, Received, Receiver, poll
 
-STARTUP = 20.0  # seconds for a fresh interpreter to import everything and listen
 BURST = 200
 ENV = {
     "TIDINGS_WEBHOOKS_ALLOW_HTTP": "true",
@@ -35,53 +31,10 @@ ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Serve:
-    """``python -m tidings serve`` on a free port with webhook settings from the environment."""
-
-    def __init__(self, db: Path, tmp_path: Path, schedule: str = "0,50ms,50ms,50ms,50ms") -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.output = tmp_path / f"serve-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")} | ENV
-        env["TIDINGS_WEBHOOKS_SCHEDULE"] = schedule
-        with open(self.output, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tidings", "serve", "--port", str(self.port),
-                 "--grpc-port", "0", "--db", str(db)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )  # fmt: skip
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"tidings exited {self.proc.returncode}: {self.log()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"tidings did not answer /healthz within {STARTUP} s: {self.log()}")
-
-    def log(self) -> str:
-        return self.output.read_text(errors="replace")[-3000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+def serve(db: Path, tmp_path: Path, schedule: str = "0,50ms,50ms,50ms,50ms") -> Serve:
+    """``tidings serve`` delivering webhooks to 127.0.0.1 over http, retrying on ``schedule``."""
+    env = ENV | {"TIDINGS_WEBHOOKS_SCHEDULE": schedule}
+    return Serve(db, tmp_path, "--grpc-port", "0", env=env)
 
 
 def past(cursor: str | None, event: str) -> bool:
@@ -101,7 +54,7 @@ def test_kill_9_mid_delivery_loses_nothing_and_duplicates_keep_their_id(
 ) -> None:
     db = tmp_path / "webhooks.db"
     with Receiver(delay=0.05) as receiver:
-        server = Serve(db, tmp_path)
+        server = serve(db, tmp_path)
         processes.append(server)
         with httpx.Client(base_url=server.url, timeout=10) as api:
             made = api.post("/webhooks", json={"url": receiver.url, "channels": ["burst/**"],
@@ -119,7 +72,7 @@ def test_kill_9_mid_delivery_loses_nothing_and_duplicates_keep_their_id(
         assert server.proc.returncode == -signal.SIGKILL
         assert at_kill < BURST, "every event was received before the kill: nothing was tested"
 
-        restarted = Serve(db, tmp_path)
+        restarted = serve(db, tmp_path)
         processes.append(restarted)
 
         def everything() -> bool:
@@ -163,7 +116,7 @@ def test_retries_waiting_at_a_kill_9_go_out_after_the_restart(
 
     with Receiver() as receiver:
         receiver.respond = first_attempt_fails
-        server = Serve(db, tmp_path, schedule="0,1s,1s")
+        server = serve(db, tmp_path, schedule="0,1s,1s")
         processes.append(server)
         with httpx.Client(base_url=server.url, timeout=10) as api:
             made = api.post("/webhooks", json={"url": receiver.url, "channels": ["r/**"]})
@@ -179,7 +132,7 @@ def test_retries_waiting_at_a_kill_9_go_out_after_the_restart(
         server.kill()
         assert all(n == 1 for n in Counter(receiver.ids()).values())  # no retry went yet
 
-        restarted = Serve(db, tmp_path, schedule="0,1s,1s")
+        restarted = serve(db, tmp_path, schedule="0,1s,1s")
         processes.append(restarted)
         poll(lambda: all(n >= 2 for n in Counter(receiver.ids()).values()), 15,
              lambda: f"every retry delivered: {Counter(receiver.ids())}")  # fmt: skip
