@@ -1,4 +1,5 @@
-"""Helpers for the tests against real brokers (RabbitMQ, Mosquitto) on this machine.
+"""Helpers for the tests against real brokers (RabbitMQ, Mosquitto) on this machine, and for
+reading a relaying node's state over HTTP (``/healthz``, ``/history``, ``/metrics``).
 
 Rules:
 - A broker that is not listening skips its tests with the reason, except under ``CI=true``,
@@ -13,9 +14,17 @@ import asyncio
 import os
 import socket
 import threading
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving import Serve
+
+DEADLINE = 30.0  # seconds for anything to arrive; reconnect backoff stays well under it
 
 
 def service_listening(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -118,3 +127,108 @@ class TCPProxy:
         finally:
             self._pairs.discard(writer)
             writer.transport.abort()
+
+
+# -- a relaying node over HTTP -------------------------------------------------------------------
+
+
+async def until(check: Callable[[], Awaitable[Any]], what: str | Callable[[], str]) -> Any:
+    """Await ``check()`` every 50 ms until it is true, and return it; fail after ``DEADLINE``
+    seconds, naming ``what`` (called then, when it is a function)."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, (
+            f"{what if isinstance(what, str) else what()}: still {value!r} after {DEADLINE} s"
+        )
+        await asyncio.sleep(0.05)
+
+
+async def relay_status(client: httpx.AsyncClient, relay: str) -> dict[str, Any]:
+    """``relay``'s entry (``"mqtt"``, ``"amqp"``) in ``/healthz``."""
+    response = await client.get("/healthz")
+    assert response.status_code == 200, response.text
+    status: dict[str, Any] = response.json()["relays"][relay]
+    return status
+
+
+async def until_connected(client: httpx.AsyncClient, relay: str) -> dict[str, Any]:
+    status: dict[str, Any] = {}
+
+    async def connected() -> dict[str, Any] | None:
+        nonlocal status
+        status = await relay_status(client, relay)
+        return status if status["connected"] else None
+
+    connected_status: dict[str, Any] = await until(
+        connected, lambda: f"the {relay} relay connected ({status})"
+    )
+    return connected_status
+
+
+async def until_serving(process: Serve, relay: str) -> None:
+    """Until ``process`` answers with ``relay`` connected; its log if it exits first."""
+    async with httpx.AsyncClient(base_url=process.url, timeout=2) as client:
+
+        async def connected() -> bool:
+            assert process.proc.poll() is None, process.log()
+            try:
+                return bool((await relay_status(client, relay))["connected"])
+            except (httpx.TransportError, KeyError):
+                return False
+
+        await until(connected, lambda: f"tidings serve connected to the broker: {process.log()}")
+
+
+async def publish(client: httpx.AsyncClient, channel: str, data: Any, **kwargs: Any) -> str:
+    """POST ``data`` as JSON (unless ``content`` or ``json`` is given) to ``channel``; the
+    cursor. ``kwargs`` go to ``client.post``."""
+    if not any(k in kwargs for k in ("content", "json")):
+        kwargs["json"] = data
+    response = await client.post(f"/channels/{channel}", **kwargs)
+    assert response.status_code == 201, response.text
+    cursor: str = response.json()["id"]
+    return cursor
+
+
+async def history(client: httpx.AsyncClient, pattern: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"channel": pattern, "limit": 1000}
+    while True:
+        response = await client.get("/history", params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        events.extend(page["events"])
+        if not page["more"]:
+            return events
+        params["since"] = page["cursor"]
+
+
+async def history_until(
+    client: httpx.AsyncClient, pattern: str, count: int
+) -> list[dict[str, Any]]:
+    """The history of ``pattern`` once it holds at least ``count`` events."""
+    events: list[dict[str, Any]] = []
+
+    async def enough() -> list[dict[str, Any]] | None:
+        nonlocal events
+        events = await history(client, pattern)
+        return events if len(events) >= count else None
+
+    arrived: list[dict[str, Any]] = await until(
+        enough, lambda: f"{pattern}: {len(events)} of {count} events arrived: {events[-3:]}"
+    )
+    return arrived
+
+
+async def counter(client: httpx.AsyncClient, name: str, **labels: str) -> float:
+    """The sample ``name`` with ``labels`` in ``/metrics``; 0 when there is none."""
+    response = await client.get("/metrics")
+    assert response.status_code == 200, response.text
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

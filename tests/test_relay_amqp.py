@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +23,20 @@ import httpx
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
-from prometheus_client.parser import text_string_to_metric_families
 
-from brokers import TCPProxy, require_service
+import brokers
+from brokers import (
+    DEADLINE,
+    TCPProxy,
+    counter,
+    history,
+    history_until,
+    publish,
+    require_service,
+    until_serving,
+)
 from conftest import RunningServer, make_settings
+from serving import Serve
 from streaming import SSEClient
 from tidings.backoff import Backoff
 from tidings.events import Cursor, Event
@@ -47,7 +53,6 @@ from tidings.relays.amqp import PERSISTENT, channel_of, properties, reason_of
 
 HOST, PORT = "127.0.0.1", 5672
 BROKER = f"amqp://guest:guest@{HOST}:{PORT}/"
-DEADLINE = 30.0  # seconds for anything to arrive; reconnect backoff stays well under it
 
 # -- the pure mappings (no broker) -------------------------------------------------------------
 
@@ -82,7 +87,8 @@ def test_refusals_map_to_dead_letter_reasons_and_unavailable_is_not_one() -> Non
     assert reason_of(Unavailable("stopping")) is None
 
 
-async def test_a_lost_connection_cancels_the_work_inside_as_connection_error() -> None:
+async def idle_until_lost() -> tuple[asyncio.Task[None], asyncio.Future[str]]:
+    """A task idling inside ``_CancelOnLoss``, started, and the future that reports the loss."""
     lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def idle() -> None:
@@ -91,20 +97,18 @@ async def test_a_lost_connection_cancels_the_work_inside_as_connection_error() -
 
     task = asyncio.create_task(idle())
     await asyncio.sleep(0)
+    return task, lost
+
+
+async def test_a_lost_connection_cancels_the_work_inside_as_connection_error() -> None:
+    task, lost = await idle_until_lost()
     lost.set_result("broker connection lost (test)")
     with pytest.raises(ConnectionError, match="test"):
         await task
 
 
 async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
-    lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def idle() -> None:
-        async with relay_amqp._CancelOnLoss(lost):
-            await asyncio.sleep(60)
-
-    task = asyncio.create_task(idle())
-    await asyncio.sleep(0)
+    task, lost = await idle_until_lost()
     task.cancel()
     lost.set_result("lost at the same time")
     with pytest.raises(asyncio.CancelledError):
@@ -222,53 +226,8 @@ def servers(names: Names, tmp_path: Path) -> Iterator[Callable[..., RunningServe
             node.stop()
 
 
-async def relay_status(client: httpx.AsyncClient) -> dict[str, Any]:
-    response = await client.get("/healthz")
-    assert response.status_code == 200, response.text
-    status: dict[str, Any] = response.json()["relays"]["amqp"]
-    return status
-
-
-async def until_connected(client: httpx.AsyncClient) -> dict[str, Any]:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        status = await relay_status(client)
-        if status["connected"]:
-            return status
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the relay did not connect: {status}")
-
-
-async def publish(client: httpx.AsyncClient, channel: str, data: Any, **params: str) -> str:
-    response = await client.post(f"/channels/{channel}", json=data, params=params)
-    assert response.status_code == 201, response.text
-    cursor: str = response.json()["id"]
-    return cursor
-
-
-async def history(client: httpx.AsyncClient, pattern: str) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    params: dict[str, Any] = {"channel": pattern, "limit": 1000}
-    while True:
-        response = await client.get("/history", params=params)
-        assert response.status_code == 200, response.text
-        page = response.json()
-        events.extend(page["events"])
-        if not page["more"]:
-            return events
-        params["since"] = page["cursor"]
-
-
-async def history_until(
-    client: httpx.AsyncClient, pattern: str, count: int
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        events = await history(client, pattern)
-        if len(events) >= count:
-            return events
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{pattern}: {len(events)} of {count} events arrived: {events[-3:]}")
+relay_status = partial(brokers.relay_status, relay="amqp")
+until_connected = partial(brokers.until_connected, relay="amqp")
 
 
 async def collect(
@@ -283,16 +242,6 @@ async def collect(
             if done(received):
                 return received
     raise AssertionError("the queue iterator ended")
-
-
-async def counter(client: httpx.AsyncClient, name: str, **labels: str) -> float:
-    response = await client.get("/metrics")
-    assert response.status_code == 200, response.text
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 async def counter_until(
@@ -339,7 +288,8 @@ async def test_http_publish_reaches_a_bound_queue_with_cursor_routing_key_and_he
     async with httpx.AsyncClient(base_url=node.url, timeout=10) as client:
         await until_connected(client)
         before = time.time()
-        cursor = await publish(client, "orders/42/status", {"state": "paid"}, type="order.paid")
+        cursor = await publish(client, "orders/42/status", {"state": "paid"},
+                               params={"type": "order.paid"})  # fmt: skip
         await publish(client, "other/1", {"not": "bound"})  # unroutable: counted, not retried
         text = await client.post("/channels/orders/7", content=b"hi",
                                  headers={"content-type": "text/plain"})  # fmt: skip
@@ -573,46 +523,9 @@ async def test_bad_inbound_messages_are_dead_lettered_with_the_reason(
 # -- ack only after the event is durable ---------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Serve:
-    """``tidings serve --amqp`` as a process, for kill -9."""
-
-    def __init__(self, db: Path, environ: dict[str, str], log: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
-        env.update(environ)
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tidings", "serve", "--port", self.url.rsplit(":", 1)[1],
-                 "--grpc-port", "0", "--db", str(db), "--amqp", BROKER],
-                stdout=out, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-
-async def until_serving(process: Serve) -> None:
-    deadline = time.monotonic() + DEADLINE
-    async with httpx.AsyncClient(base_url=process.url, timeout=2) as client:
-        while time.monotonic() < deadline:
-            assert process.proc.poll() is None, process.log.read_text(errors="replace")[-2000:]
-            try:
-                if (await relay_status(client))["connected"]:
-                    return
-            except (httpx.TransportError, KeyError):
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"not serving: {process.log.read_text(errors='replace')[-2000:]}")
+def serve(db: Path, tmp_path: Path, environ: dict[str, str]) -> Serve:
+    """``tidings serve --amqp`` as a process, for kill -9; not waited for."""
+    return Serve(db, tmp_path, "--grpc-port", "0", "--amqp", BROKER, env=environ, wait=False)
 
 
 async def prefill(amqp: AbstractConnection, names: Names, key: str, total: int) -> None:
@@ -666,15 +579,15 @@ async def test_inbound_messages_survive_kill_9_exactly_once(
 ) -> None:
     total = 5000
     await prefill(amqp, names, "crash.c", total)
-    db, log = tmp_path / "relay.db", tmp_path / "serve.log"
+    db = tmp_path / "relay.db"
     environ = {**names.environ(), "TIDINGS_AMQP_PREFETCH": "8"}  # small steps: a kill lands
-    processes = [Serve(db, environ, log)]
+    processes = [serve(db, tmp_path, environ)]
     try:
         await first_event(processes[0].url, "crash/c")
         processes[0].kill()  # mid-stream: some published and acked, some published only
         assert await waiting(amqp, names.inbound_queue) > 0, "the kill came too late"
-        processes.append(Serve(db, names.environ(), log))
-        await until_serving(processes[1])
+        processes.append(serve(db, tmp_path, names.environ()))
+        await until_serving(processes[1], "amqp")
         async with httpx.AsyncClient(base_url=processes[1].url, timeout=10) as client:
             await history_until(client, "crash/c", total)
             await asyncio.sleep(0.5)  # a straggler would show up now

@@ -20,11 +20,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,22 @@ import orjson
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from prometheus_client.parser import text_string_to_metric_families
 
-from brokers import TCPProxy, require_service, service_listening
+import brokers
+from brokers import (
+    DEADLINE,
+    TCPProxy,
+    counter,
+    history,
+    history_until,
+    publish,
+    require_service,
+    service_listening,
+    until,
+    until_serving,
+)
 from conftest import RunningServer, make_settings
+from serving import Serve, free_port
 from streaming import SSEClient, envelope
 from tidings.brokers.memory import MemoryBroker
 from tidings.config import MQTTSettings
@@ -68,7 +80,6 @@ from tidings.relays.mqtt import (
 
 HOST, PORT = "127.0.0.1", 1883
 BROKER = f"mqtt://{HOST}:{PORT}"
-DEADLINE = 30.0  # seconds for anything to arrive; reconnect backoff stays well under it
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
 )
@@ -240,73 +251,8 @@ async def http(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def relay_status(client: httpx.AsyncClient) -> dict[str, Any]:
-    response = await client.get("/healthz")
-    assert response.status_code == 200, response.text
-    status: dict[str, Any] = response.json()["relays"]["mqtt"]
-    return status
-
-
-async def until(check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: still {value!r} after {DEADLINE} s"
-        await asyncio.sleep(0.05)
-
-
-async def until_connected(client: httpx.AsyncClient) -> dict[str, Any]:
-    async def connected() -> dict[str, Any] | None:
-        status = await relay_status(client)
-        return status if status["connected"] else None
-
-    status: dict[str, Any] = await until(connected, "the relay connected")
-    return status
-
-
-async def publish(client: httpx.AsyncClient, channel: str, data: Any, **kwargs: Any) -> str:
-    if not any(k in kwargs for k in ("content", "json")):
-        kwargs["json"] = data
-    response = await client.post(f"/channels/{channel}", **kwargs)
-    assert response.status_code == 201, response.text
-    cursor: str = response.json()["id"]
-    return cursor
-
-
-async def history(client: httpx.AsyncClient, pattern: str) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    params: dict[str, Any] = {"channel": pattern, "limit": 1000}
-    while True:
-        response = await client.get("/history", params=params)
-        assert response.status_code == 200, response.text
-        page = response.json()
-        events.extend(page["events"])
-        if not page["more"]:
-            return events
-        params["since"] = page["cursor"]
-
-
-async def history_until(
-    client: httpx.AsyncClient, pattern: str, count: int
-) -> list[dict[str, Any]]:
-    async def enough() -> list[dict[str, Any]] | None:
-        events = await history(client, pattern)
-        return events if len(events) >= count else None
-
-    events: list[dict[str, Any]] = await until(enough, f"{count} events on {pattern}")
-    return events
-
-
-async def counter(client: httpx.AsyncClient, name: str, **labels: str) -> float:
-    response = await client.get("/metrics")
-    assert response.status_code == 200, response.text
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+relay_status = partial(brokers.relay_status, relay="mqtt")
+until_connected = partial(brokers.until_connected, relay="mqtt")
 
 
 @dataclass
@@ -644,13 +590,6 @@ class PrivateMosquitto:
         self.process = None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def private_broker(tmp_path: Path) -> Iterator[PrivateMosquitto]:
     directory = tmp_path / "mosquitto"
@@ -840,37 +779,22 @@ async def test_bad_inbound_messages_are_dropped_with_a_metric_and_the_relay_goes
 # -- a crash -------------------------------------------------------------------------------------
 
 
-class Serve:
-    """``tidings serve --mqtt`` as a process, for kill -9."""
+def serve(db: Path, tmp_path: Path, environ: dict[str, str]) -> Serve:
+    """``tidings serve --mqtt`` as a process, for kill -9; not waited for."""
+    return Serve(db, tmp_path, "--grpc-port", "0", "--mqtt", BROKER, env=environ, wait=False)
 
-    def __init__(self, db: Path, environ: dict[str, str], log: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
-        env.update(environ)
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tidings", "serve", "--port", self.url.rsplit(":", 1)[1],
-                 "--grpc-port", "0", "--db", str(db), "--mqtt", BROKER],
-                stdout=out, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+def send_numbered(device: aiomqtt.Client, topic: str, key: str, total: int) -> Awaitable[Any]:
+    """Publish ``0`` … ``total - 1`` to ``topic`` at QoS 1 all at once, each with the
+    idempotency key ``{key}{i}``; the gathered sends."""
+    device.pending_calls_threshold = total
 
-    async def until_connected(self) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=2) as client:
+    async def send(i: int) -> None:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.UserProperty = [("idempotency-key", f"{key}{i}")]
+        await device.publish(topic, b"%d" % i, qos=1, properties=props)
 
-            async def connected() -> bool:
-                assert self.proc.poll() is None, self.log.read_text(errors="replace")[-2000:]
-                try:
-                    return bool((await relay_status(client))["connected"])
-                except (httpx.TransportError, KeyError):
-                    return False
-
-            await until(connected, "tidings serve connected to the broker")
+    return asyncio.gather(*(send(i) for i in range(total)))
 
 
 async def test_inbound_messages_survive_kill_9_once_each_with_idempotency_keys(
@@ -879,27 +803,20 @@ async def test_inbound_messages_survive_kill_9_once_each_with_idempotency_keys(
     inbound, client_id = unique("in"), f"tidings-test-{secrets.token_hex(4)}"
     environ = {"TIDINGS_MQTT_CLIENT_ID": client_id, "TIDINGS_MQTT_INBOUND_PREFIX": inbound,
                "TIDINGS_MQTT_PREFIX": unique("out")}  # fmt: skip
-    db, log = tmp_path / "relay.db", tmp_path / "serve.log"
-    processes = [Serve(db, environ, log)]
+    db = tmp_path / "relay.db"
+    processes = [serve(db, tmp_path, environ)]
     total = 600  # under Mosquitto's max_queued_messages (1000) for one session
     try:
-        await processes[0].until_connected()
+        await until_serving(processes[0], "mqtt")
         async with aiomqtt.Client(HOST, PORT, protocol=aiomqtt.ProtocolVersion.V5,
                                   max_inflight_messages=20) as device:  # fmt: skip
-            device.pending_calls_threshold = total
-
-            async def send(i: int) -> None:
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.UserProperty = [("idempotency-key", f"m{i}")]
-                await device.publish(f"{inbound}/crash", b"%d" % i, qos=1, properties=props)
-
-            sending = asyncio.gather(*(send(i) for i in range(total)))
+            sending = send_numbered(device, f"{inbound}/crash", "m", total)
             async with httpx.AsyncClient(base_url=processes[0].url, timeout=10) as client:
                 await history_until(client, "crash", 20)
             processes[0].kill()  # mid-stream: some logged and acked, some logged only, some not
             await sending  # the rest wait at the broker, in tidings' session
-        processes.append(Serve(db, environ, log))
-        await processes[1].until_connected()
+        processes.append(serve(db, tmp_path, environ))
+        await until_serving(processes[1], "mqtt")
         async with httpx.AsyncClient(base_url=processes[1].url, timeout=10) as client:
             await history_until(client, "crash", total)
             await asyncio.sleep(0.5)  # a duplicate would show up now
@@ -928,14 +845,7 @@ async def test_stopping_the_server_leaves_unlogged_messages_to_the_session_once_
                 HOST, PORT, protocol=aiomqtt.ProtocolVersion.V5, max_inflight_messages=20
             ) as device,
         ):
-            device.pending_calls_threshold = total
-
-            async def send(i: int) -> None:
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.UserProperty = [("idempotency-key", f"s{i}")]
-                await device.publish(f"{inbound}/stop", b"%d" % i, qos=1, properties=props)
-
-            sending = asyncio.gather(*(send(i) for i in range(total)))
+            sending = send_numbered(device, f"{inbound}/stop", "s", total)
             await history_until(client, "stop", 20)
             await asyncio.to_thread(first.stop)  # the hub refuses (Unavailable) while it drains
             await sending
