@@ -342,20 +342,28 @@ def test_429_with_retry_after_is_retried_no_sooner_than_asked(
     assert [(a["status"], a["outcome"]) for a in listed] == [(429, "retry"), (200, "delivered")]
 
 
+def failed_as_redirects(
+    api: httpx.Client, receiver: Receiver, status: int
+) -> tuple[str, list[dict[str, Any]]]:
+    """One event to an endpoint at ``receiver``, set to answer ``status`` with a ``Location``:
+    every attempt fails as a redirect, and the event is given up on. (event, attempts)"""
+    endpoint = create(api, receiver.url)
+    id = endpoint["id"]
+    event = publish(api, "orders/1", {"n": 1})
+    marks = poll(lambda: failed(api, id), what="the event in /failed")
+    assert [m["event"] for m in marks] == [event]
+    listed = wait_attempts(api, id, ATTEMPTS)
+    assert [a["status"] for a in listed] == [status] * ATTEMPTS
+    assert all("redirect" in a["reason"] for a in listed), listed
+    return event, listed
+
+
 def test_a_301_is_a_failure_and_its_location_is_never_requested(
     api: httpx.Client, receiver: Receiver
 ) -> None:
     with Receiver() as elsewhere:
         receiver.default = Answer(301, {"Location": elsewhere.url})
-        endpoint = create(api, receiver.url)
-        id = endpoint["id"]
-        event = publish(api, "orders/1", {"n": 1})
-
-        marks = poll(lambda: failed(api, id), what="the event in /failed")
-        assert [m["event"] for m in marks] == [event]
-        listed = wait_attempts(api, id, ATTEMPTS)
-        assert [a["status"] for a in listed] == [301] * ATTEMPTS
-        assert all("redirect" in a["reason"] for a in listed), listed
+        failed_as_redirects(api, receiver, 301)
         assert len(receiver.requests) == ATTEMPTS
         assert elsewhere.requests == []
 
@@ -487,15 +495,8 @@ def test_a_receiver_redirecting_inward_fails_as_a_redirect_and_nothing_follows_i
     api: httpx.Client, receiver: Receiver
 ) -> None:
     receiver.default = Answer(302, {"Location": "http://169.254.169.254/latest/meta-data/"})
-    endpoint = create(api, receiver.url)
-    id = endpoint["id"]
-    event = publish(api, "orders/1", {"n": 1})
-
-    marks = poll(lambda: failed(api, id), what="the event in /failed")
-    assert [m["event"] for m in marks] == [event]
-    listed = wait_attempts(api, id, ATTEMPTS)
-    assert [a["status"] for a in listed] == [302] * ATTEMPTS
-    assert all("redirect" in a["reason"] and a["error"] is None for a in listed), listed
+    event, listed = failed_as_redirects(api, receiver, 302)
+    assert all(a["error"] is None for a in listed), listed
     # Every request the receiver got is one of the attempts, at the endpoint's own URL.
     assert [(r.method, r.path, r.id) for r in receiver.requests] == [("POST", "/hook", event)] * 4
 
