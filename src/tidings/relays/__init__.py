@@ -28,7 +28,14 @@ from typing import Protocol
 from ..auth import Grant
 from ..backoff import Backoff
 from ..events import Event, Pattern, make_draft, parse_patterns
-from ..exceptions import PayloadTooLarge
+from ..exceptions import (
+    BadRequest,
+    Forbidden,
+    InvalidChannel,
+    InvalidEvent,
+    PayloadTooLarge,
+    TidingsError,
+)
 from ..hub import Hub
 from ..log import Log
 from ..metrics import Metrics
@@ -39,6 +46,21 @@ WARN_EVERY = 60.0  # seconds between warnings of one kind of dropped message
 IDLE_POLL = 1.0  # an idle relay also looks at the log this often (commits on other nodes)
 LAZY_SAVE = 60.0  # seconds between stores of a cursor moved past other channels' events only
 CURSOR_PROPERTY = "tidings-cursor"  # MQTT 5 user property / AMQP header on relayed messages
+
+# Why an inbound message was refused for good: the metric label, and the AMQP dead letter's
+# ``tidings-reason`` header. Any other refusal (Unavailable: stopping) is not the message's fault.
+REASONS: tuple[tuple[type[TidingsError], str], ...] = (
+    (PayloadTooLarge, "too_large"),
+    (InvalidChannel, "invalid_channel"),
+    (InvalidEvent, "invalid_event"),
+    (Forbidden, "forbidden"),
+    (BadRequest, "invalid"),
+)
+
+
+def refusal_reason(exc: TidingsError) -> str | None:
+    """The reason (``REASONS``) for a refusal, or None when it is not the message's fault."""
+    return next((reason for kind, reason in REASONS if isinstance(exc, kind)), None)
 
 
 class Link(Protocol):

@@ -17,7 +17,7 @@ Rules:
 - Inbound, a message is acked only after ``Ingest.publish`` returned (the event is durable in
   the log). ``message_id`` is the idempotency key, so a message redelivered after a crash
   between publish and ack is not logged twice (within ``log.idempotency_window``).
-- A message that can never be published (see ``REASONS``) is not simply rejected: RabbitMQ's
+- A message that can never be published (see ``relays.REASONS``) is not simply rejected: RabbitMQ's
   own dead-lettering (``x-death``) cannot say why. It is copied to the dead-letter exchange
   with ``tidings-reason`` (the metric label) and ``tidings-detail`` (the human reason) headers,
   the copy's publisher confirm is awaited, and only then is the original acked. A failure in
@@ -59,17 +59,13 @@ from ..backoff import Backoff
 from ..config import AMQPSettings
 from ..events import Event, parse_patterns
 from ..exceptions import (
-    BadRequest,
     ConfigError,
-    Forbidden,
     InvalidChannel,
-    InvalidEvent,
-    PayloadTooLarge,
     TidingsError,
     Unavailable,
 )
 from ..hub import Hub
-from . import CURSOR_PROPERTY, Ingest, Link, OutboundRelay, sleep_unless
+from . import CURSOR_PROPERTY, Ingest, Link, OutboundRelay, refusal_reason, sleep_unless
 
 logger = logging.getLogger("tidings.relays.amqp")
 
@@ -81,16 +77,6 @@ PERSISTENT = 2  # delivery mode: the broker writes the message to disk (AMQP 0-9
 CONNECT_TIMEOUT = 10.0  # seconds for TCP + AMQP handshake; a black-holed broker must not hang
 CLOSE_TIMEOUT = 5.0
 STOP_GRACE = 5.0  # an outbound batch in flight at shutdown gets this long for its confirms
-
-# Why an inbound message was dead-lettered: the ``tidings-reason`` header and metric label.
-REASONS: tuple[tuple[type[TidingsError], str], ...] = (
-    (PayloadTooLarge, "too_large"),
-    (InvalidChannel, "invalid_channel"),
-    (InvalidEvent, "invalid_event"),
-    (Forbidden, "forbidden"),
-    (BadRequest, "invalid"),
-)
-
 
 # -- the pure part: mappings between events and AMQP messages ----------------------------------
 
@@ -131,10 +117,7 @@ def properties(event: Event) -> Basic.Properties:
 
 def reason_of(exc: TidingsError) -> str | None:
     """The dead-letter reason for a refusal, or None when it is not the message's fault."""
-    for kind, reason in REASONS:
-        if isinstance(exc, kind):
-            return reason
-    return None
+    return refusal_reason(exc)
 
 
 def dead_letter_copy(

@@ -49,7 +49,7 @@ Rules:
   construction.
 - A message that can never be published (bad channel, type, content type, JSON or UTF-8,
   too large, not granted) is acknowledged and dropped: ``Ingest.dropped`` counts it by reason
-  (``REASONS``) and logs why. Broker-side, MQTT 5 messages over ``max_event_bytes`` +
+  (``relays.REASONS``) and logs why. Broker-side, MQTT 5 messages over ``max_event_bytes`` +
   ``PACKET_HEADROOM`` are discarded by the broker before they reach us (Maximum Packet Size,
   §3.1.2.11.4), so only the broker's statistics see those.
 - aiomqtt 2.5 exposes neither paho's manual acks nor CONNACK properties (empicano/aiomqtt#345):
@@ -79,18 +79,14 @@ from ..backoff import Backoff
 from ..config import MQTTSettings
 from ..events import Event, Pattern, is_json_type, is_text_type, matches_any, parse_patterns
 from ..exceptions import (
-    BadRequest,
     ConfigError,
-    Forbidden,
     InvalidChannel,
-    InvalidEvent,
     InvalidPattern,
-    PayloadTooLarge,
     TidingsError,
     Unavailable,
 )
 from ..hub import Hub
-from . import CURSOR_PROPERTY, Ingest, OutboundRelay, sleep_unless
+from . import CURSOR_PROPERTY, Ingest, OutboundRelay, refusal_reason, sleep_unless
 
 logger = logging.getLogger("tidings.relays.mqtt")
 
@@ -104,16 +100,6 @@ SESSION_EXPIRY = 24 * 3600  # seconds the broker keeps a stable client id's sess
 RANDOM_SESSION_EXPIRY = 300  # …and a random id's (it only has to bridge reconnects)
 PACKET_HEADROOM = 64 * 1024  # topic and properties beyond max_event_bytes in a packet we take
 STOP_GRACE = 5.0  # seconds at shutdown for a batch's PUBACKs and in-flight inbound messages
-
-# Why an inbound message was dropped: the metric label (the AMQP relay's labels).
-REASONS: tuple[tuple[type[TidingsError], str], ...] = (
-    (PayloadTooLarge, "too_large"),
-    (InvalidChannel, "invalid_channel"),
-    (InvalidEvent, "invalid_event"),
-    (Forbidden, "forbidden"),
-    (BadRequest, "invalid"),
-)
-
 
 # -- the pure part: URLs, topics and properties ------------------------------------------------
 
@@ -258,7 +244,8 @@ def read_properties(properties: Properties | None) -> Inbound:
 
 
 def reason_of(exc: TidingsError) -> str:
-    return next((label for kind, label in REASONS if isinstance(exc, kind)), "invalid")
+    """The drop reason (the metric label) for a refusal; "invalid" for any other."""
+    return refusal_reason(exc) or "invalid"
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
