@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any, get_args
 
 import orjson
@@ -29,6 +29,19 @@ from .transport import TRANSPORTS
 def _fail(message: str) -> int:
     print(f"tidings: {message}", file=sys.stderr, flush=True)
     return 1
+
+
+def _printing(command: Coroutine[Any, Any, None]) -> int:
+    """Run a command that prints as it goes; its exit code. A refusal or an unreachable server
+    is one line on stderr (1); a reader that went away (``| head -n 3``) ends it quietly (0)."""
+    try:
+        asyncio.run(command)
+    except TidingsClientError as exc:
+        return _fail(exc.detail)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def _url(args: argparse.Namespace) -> str:
@@ -116,15 +129,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                 if args.count is not None and received >= args.count:
                     return
 
-    try:
-        asyncio.run(subscribe())
-    except TidingsClientError as exc:
-        return _fail(exc.detail)
-    except BrokenPipeError:
-        # The reader went away (``| head -n 3``): done. Point stdout at /dev/null so the flush
-        # at exit does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+    return _printing(subscribe())
 
 
 def add_commands(commands: Any) -> None:

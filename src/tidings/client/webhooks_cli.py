@@ -14,7 +14,6 @@ Rules:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import sys
@@ -27,9 +26,9 @@ import orjson
 from .. import config
 from ..exceptions import ConfigError
 from .admin import Webhooks
-from .cli import _fail, _positive, _url
+from .cli import _positive, _printing, _url
 from .client import DEFAULT_URL, Client
-from .errors import ProtocolError, TidingsClientError
+from .errors import ProtocolError
 
 # What a parsed command does once connected.
 Action = Callable[[Webhooks], Awaitable[None]]
@@ -258,14 +257,7 @@ def run(args: argparse.Namespace, transport: httpx.AsyncBaseTransport | None = N
         async with Client(url, headers=headers, transport=transport) as client:
             await action(Webhooks(client))
 
-    try:
-        asyncio.run(main())
-    except TidingsClientError as exc:
-        return _fail(exc.detail)
-    except BrokenPipeError:
-        # The reader went away (``| head -n 3``): done. As ``tidings subscribe`` does.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+    return _printing(main())
 
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
