@@ -15,13 +15,13 @@ import contextlib
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from loadgen import HTTPConnection, check_ack, payload, request
-from target import CLK_TCK, Server, Window, paced, percentile
+from target import Server, Window, paced, percentile
+from tidings.bench.proc import cpu_seconds, find_process
 
 _TS = re.compile(rb'"t":(\d+)')
 
@@ -69,22 +69,9 @@ class Receipts:
         self.arrived.clear()
 
 
-def process_pid(comm: str) -> int | None:
-    """The process named ``comm`` (the broker), to read its CPU time (never touched otherwise)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == comm:
-                    return int(entry.name)
-    return None
-
-
-def cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def broker_cpu(pid: int | None) -> float:
+    """CPU seconds of the broker so far; 0 when it was not found."""
+    return 0.0 if pid is None else cpu_seconds(pid)
 
 
 def _seq(cursor: str) -> int:
@@ -119,8 +106,8 @@ async def throughput(
     raw = request("POST", "/publish", orjson.dumps({"events": [event] * batch}))
     receipts.reset(requests * batch)
     conns = [await HTTPConnection.open(server.port) for _ in range(args.in_flight)]
-    broker = process_pid(relay.comm)
-    broker0 = cpu_seconds(broker)
+    broker = find_process(relay.comm)
+    broker0 = broker_cpu(broker)
     last: list[str] = []
     with Window(server) as window:
         t0 = time.perf_counter()
@@ -156,7 +143,7 @@ async def throughput(
         "missing": total - received,
         "duplicates": receipts.duplicates,
         "server_cpu_us_per_event": round(1e6 * window.server_cpu / total, 1),
-        f"{relay.broker}_cpu_util": round((cpu_seconds(broker) - broker0) / window.elapsed, 3),
+        f"{relay.broker}_cpu_util": round((broker_cpu(broker) - broker0) / window.elapsed, 3),
         **window.summary(),
     }
 
