@@ -18,6 +18,8 @@ Workloads (see benchmarks/README.md for what each measures and the targets):
   webhooks    webhook deliveries/s from 100 endpoints on every event to a fast local receiver,
               publish-to-receipt latency, losses and duplicates; then one endpoint
               (webhookbench.py)
+  idle        server memory per idle SSE and WebSocket subscriber at 1,000, 5,000 and 10,000
+              subscribers (memorybench.py)
 
 Each workload starts its own server (``taskset -c 0 python -m tidings serve``) on a fresh SQLite
 file, waits for /healthz, runs, prints a table, writes benchmarks/results/<workload>.json and stops
@@ -54,6 +56,8 @@ from loadgen import (
     payload_bytes,
     request,
 )
+from memorybench import IDLE_WORKLOADS
+from memorybench import add_options as add_idle_options
 from target import (
     CLIENT_CORE,
     ROOT,
@@ -89,6 +93,7 @@ TARGETS = {
     "grpc-fanout": ("deliveries_per_s", ">=", 40_000),
     "grpc-publish": ("publishes_per_s", ">=", 2_500),
     "webhooks": ("deliveries_per_s", ">=", 2000),
+    "idle": ("kib_per_idle_subscriber", "<=", 11.0),
 }
 
 
@@ -467,6 +472,7 @@ WORKLOADS = {
     "grpc-fanout": GRPC_WORKLOADS["grpc-fanout"],
     "grpc-publish": workload_grpc_publish,
     **WEBHOOK_WORKLOADS,
+    **IDLE_WORKLOADS,
 }
 ALIASES = {"all": list(WORKLOADS), "ws": list(WS_WORKLOADS), "grpc": list(GRPC_WORKLOADS)}
 
@@ -476,7 +482,7 @@ ALIASES = {"all": list(WORKLOADS), "ws": list(WS_WORKLOADS), "grpc": list(GRPC_W
 
 def flat(result: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in result.items():
-        if key == "sweep":
+        if key in ("sweep", "steps"):
             continue
         if isinstance(value, dict):
             yield from flat(value, f"{prefix}{key}.")
@@ -676,6 +682,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_ws_options(p)
     add_grpc_options(p)
     add_webhook_options(p)
+    add_idle_options(p)
     args = p.parse_args(argv)
     check_servers(args.servers)
     return args
