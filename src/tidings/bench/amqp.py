@@ -183,6 +183,7 @@ class AMQPConnection(asyncio.Protocol):
 class AMQPDriver(Driver):
     name = "amqp"
     held_by = "broker"
+    window = 64  # one queue per subscriber in the broker; drained at its pace
 
     def __init__(self, target: Target, meter: Meter) -> None:
         super().__init__(target, meter)

@@ -57,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--duration",
         type=positive(float),
-        default=5.0,
+        default=4.0,
         metavar="SECONDS",
-        help="paced phase length; each throughput phase lasts half of it (default 5)",
+        help="paced phase length; each throughput phase lasts half of it (default 4)",
     )
     p.add_argument(
         "--transports",

@@ -181,6 +181,7 @@ async def wait_for_relay(target: Target, name: str, within: float = 20.0) -> Non
 class MQTTDriver(Driver):
     name = "mqtt"
     held_by = "broker"
+    window = 128  # within the broker's queue per session (max_queued_messages, 1000)
 
     def __init__(self, target: Target, meter: Meter) -> None:
         super().__init__(target, meter)

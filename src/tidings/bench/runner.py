@@ -45,7 +45,7 @@ class Options:
     subscribers: int = 200
     rate: float = 10.0
     payload: int = 256
-    duration: float = 5.0
+    duration: float = 4.0
     transports: list[str] = field(default_factory=list)  # empty: every available one
     poll_interval: float = 1.0
     out: str = "tidings-bench"

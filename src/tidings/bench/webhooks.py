@@ -87,6 +87,8 @@ class Hook(asyncio.Protocol):
 
 class WebhookDriver(Driver):
     name = "webhooks"
+    # Every endpoint holds its own queue of attempts: a small window keeps the drain short.
+    window = 16
     max_outage = 4.0  # seconds: under the first retry delay (webhooks.schedule: 0, 5 s, …)
 
     def __init__(self, target: Target, meter: Meter) -> None:
@@ -102,10 +104,10 @@ class WebhookDriver(Driver):
         self.server = await loop.create_server(
             lambda: Hook(self.receiver), "127.0.0.1", self.port, backlog=4096
         )
-        self.admin = await HTTPConnection.open(self.target.host, self.target.port)
 
     async def call(self, method: str, path: str, body: bytes = b"") -> dict[str, object]:
-        assert self.admin is not None
+        if self.admin is None or self.admin.closed:  # idle past the hub's keep-alive timeout
+            self.admin = await HTTPConnection.open(self.target.host, self.target.port)
         raw = request(method, path, body, self.target.host)
         status, answer = await asyncio.wait_for(self.admin.send(raw), 30)
         if status not in (200, 201):
@@ -126,7 +128,14 @@ class WebhookDriver(Driver):
             self.receiver.down.discard(known[1])
         sub.closed = False
 
+    def fresh_admin(self) -> None:
+        """Close the admin connection: the next call opens one (an idle one may be closing)."""
+        if self.admin is not None:
+            self.admin.close()
+            self.admin = None
+
     async def connect_all(self, subs: list[Subscriber], parallel: int = 1) -> None:
+        self.fresh_admin()
         for sub in subs:  # one admin connection: registrations one at a time
             await self.connect(sub)
 
@@ -137,6 +146,7 @@ class WebhookDriver(Driver):
         sub.connection_closed()
 
     async def release(self, subs: list[Subscriber]) -> None:
+        self.fresh_admin()
         for sub in subs:
             known = self.endpoints.pop(id(sub), None)
             if known is not None:

@@ -46,7 +46,7 @@ class Params:
     subscribers: int = 200
     rate: float = 10.0
     payload: int = 256
-    duration: float = 5.0
+    duration: float = 4.0
     poll_interval: float = 1.0
     pid: int | None = None  # the hub's process, when its CPU and memory can be read
 
@@ -178,6 +178,8 @@ class Publisher:
         self.conns: list[HTTPConnection] = []
 
     async def open(self, n: int) -> None:
+        """``n`` open connections (the hub closes one left idle past its keep-alive timeout)."""
+        self.conns = [c for c in self.conns if not c.closed]
         while len(self.conns) < n:
             self.conns.append(await HTTPConnection.open(self.host, self.port))
 
@@ -229,7 +231,6 @@ class Workload:
     async def run(self) -> dict[str, Any]:
         p, driver = self.p, self.driver
         await driver.setup()
-        await self.publisher.open(PUBLISHERS)
         try:
             one = [Subscriber(i, self.channel("one"), driver.meter) for i in range(p.subscribers)]
             result: dict[str, Any] = {"memory": await self.idle(one)}
@@ -357,6 +358,8 @@ class Workload:
 
         async def slowest(at_least: int) -> None:
             for s in subs:
+                if stop:  # woken to stop: no new waits (nothing would wake them)
+                    return
                 fut = s.reached(base[id(s)] + at_least)
                 if fut is not None:
                     await fut
@@ -376,6 +379,9 @@ class Workload:
                 for raw in rounds:
                     await self.publisher.send(conn, raw)
 
+        # Fresh connections: the hub closes one that sat unused (http.header_timeout).
+        self.publisher.close()
+        await self.publisher.open(PUBLISHERS)
         tasks = [asyncio.create_task(publish(c)) for c in self.publisher.conns]
         try:
             await asyncio.sleep(p.warmup_seconds)
