@@ -301,7 +301,7 @@ def test_markdown_puts_the_measure_beside_the_seeds_word() -> None:
     assert lines[0] == "| | WebSocket | Short polling (1 s) | gRPC |"
     assert "| **Latency** | Very Low — p50 1.20 ms / p99 4.80 ms | Moderate — p50 480 ms" in table
     assert "High — 3,100 B/event" in table  # polling's bandwidth word is the seed's "High"
-    assert "— — 380 B/event" in table  # gRPC is not in the seed's table: no word
+    assert "| 380 B/event |" in table  # gRPC is not in the seed's table: no word
     assert "High — 1 ch: 412k/s / N ch: 26.4k/s" in table
     assert "| **Server CPU per 1,000 deliveries** | 2.10 ms |" in table
     assert "11.2 KiB" in table and "0 / 0 (20 resumed)" in table

@@ -11,7 +11,7 @@ from typing import Any
 
 import matplotlib
 
-from .report import NAMES
+from .report import NAMES, per_s
 
 
 def render(document: dict[str, Any], path: Path) -> None:
@@ -49,8 +49,15 @@ def render(document: dict[str, Any], path: Path) -> None:
     right.bar([x - 0.2 for x in xs], one, width=0.4, label="N subscribers, 1 channel")
     right.bar([x + 0.2 for x in xs], many, width=0.4, label="N subscribers, N channels")
     right.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
-    if any(one) or any(many):
+    for x, value in [(x - 0.2, v) for x, v in zip(xs, one, strict=True)] + [
+        (x + 0.2, v) for x, v in zip(xs, many, strict=True)
+    ]:
+        if value:
+            right.annotate(per_s(value), (x, value), ha="center", va="bottom", fontsize=7)
+    values = [v for v in one + many if v]
+    if values:
         right.set_yscale("log")
+        right.set_ylim(min(values) / 3, max(values) * 3)  # bars start well below the lowest
     right.set_ylabel("delivered events/s (log)")
     right.set_title("Throughput (closed loop)", fontsize=10)
     right.grid(True, axis="y", which="both", alpha=0.3)

@@ -9,6 +9,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,30 @@ def placement() -> tuple[list[int], list[int]]:
     return [], []
 
 
+def source() -> dict[str, Any]:
+    """The git commit of the tidings being measured, and its files changed since (if any)."""
+    here = Path(__file__).resolve().parent.parent  # src/tidings
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        status = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"path": str(here)}
+    if commit.returncode:
+        return {"path": str(here)}
+    changed = [line[3:] for line in status.stdout.splitlines() if line[:2] != "??"]
+    return {"path": str(here), "commit": commit.stdout.strip(), "modified": changed}
+
+
 def machine() -> dict[str, Any]:
     """The machine's description for the results: CPU, cores, kernel, Python, tidings."""
     from .. import __version__
@@ -85,6 +110,7 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError, IndexError):
         mem_kb = int(Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1])
     return {
+        "source": source(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "usable_cores": len(cores()),

@@ -167,8 +167,8 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
         rendered = []
         for figures in line:
             if name in SEED:
-                word, rest = figures[0], figures[1:]
-                rendered.append(f"{word} — {' / '.join(rest)}")
+                word, rest = figures[0], " / ".join(figures[1:])
+                rendered.append(rest if word == NO_WORD else f"{word} — {rest}")
             else:
                 rendered.append(" ".join(figures))
         out.append(f"| **{name}** | " + " | ".join(rendered) + " |")
@@ -230,3 +230,18 @@ def skipped(results: dict[str, dict[str, Any]]) -> list[str]:
         elif r.get("status") == "failed":
             out.append(f"FAILED {NAMES.get(t, t)}: {r.get('error', '')}")
     return out
+
+
+def legend(params: dict[str, Any]) -> str:
+    """What the rows measure, under the table (docs/benchmarks.md has the method)."""
+    n, rate = params["subscribers"], params["rate_events_per_s"]
+    return (
+        f"Words: the seed's comparison table. Figures: {n} subscribers, {params['payload_bytes']}"
+        f"-byte events. Latency: publish to delivery at {rate:g} events/s on one channel "
+        "(subscribers never dropped). Bandwidth: bytes on the wire at the subscribers' sockets, "
+        "both directions, handshakes and polls included, per delivered event. Scalability: "
+        f"delivered events/s, closed loop, {n} subscribers on 1 channel / on {n} channels. "
+        "CPU: the hub's, per 1,000 deliveries on 1 channel. Memory: hub RSS growth per idle "
+        "subscriber. Losses / duplicates: after 10 % were dropped and resumed from their cursor. "
+        "Generator CPU below 100 %: the load generator was not the limit."
+    )

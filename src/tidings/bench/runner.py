@@ -219,12 +219,14 @@ def run(options: Options, argv: list[str]) -> int:
     total_weight = sum(weights.values()) or 1.0
     done_weight = 0.0
     results: dict[str, dict[str, Any]] = {}
+    running = [t for t, why in chosen if not why]
     for transport, why in chosen:
         if why:
             results[transport] = {"status": "skipped", "reason": why}
             bar.note(f"tidings bench: skipping {transport}: {why}")
             continue
-        name = report.NAMES.get(transport, transport)
+        step = f"{running.index(transport) + 1}/{len(running)}"
+        name = f"{report.NAMES.get(transport, transport)} ({step})"
         bar.update(done_weight / total_weight, f"{name}: starting the hub")
         hub: Hub
         try:
@@ -289,7 +291,7 @@ def finish(
     generator_cores: list[int],
 ) -> int:
     count = totals(results)
-    document = {
+    document: dict[str, Any] = {
         "tidings_bench": 1,
         "command": " ".join(["tidings", "bench", *argv]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -315,11 +317,13 @@ def finish(
     print(report.text(results, width))
     for line in report.skipped(results):
         print(line)
+    legend = report.legend(document["parameters"])
+    print(legend)
     out = options.json_path
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
     options.markdown_path.parent.mkdir(parents=True, exist_ok=True)
-    options.markdown_path.write_text(report.markdown(results) + "\n")
+    options.markdown_path.write_text(report.markdown(results) + "\n\n" + legend + "\n")
     written = [str(out), str(options.markdown_path)]
     png = write_chart(document, options.png_path)
     if png:
