@@ -18,6 +18,7 @@ import math
 import signal
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from . import brokers, relays
 from . import log as logs
@@ -156,7 +157,7 @@ def build_app(hub: Hub, settings: Settings, auth: Authenticator | None = None) -
     app.state.tidings = Context(
         hub,
         settings,
-        sse.Streams(settings.sse),
+        sse.Streams(settings.sse, hub.metrics, settings.limits.header_timeout),
         auth,
         Limits(settings.limits),
         make_webhooks(hub, settings),
@@ -193,6 +194,9 @@ class HeaderDeadline(HttpToolsProtocol):
     sends its headers a byte at a time (slowloris). This timer starts when the connection opens
     and when a request's first byte arrives, and stops when its headers are complete. When it
     fires, a request that had begun gets ``408`` (RFC 9110 §15.5.9), and the connection closes.
+
+    It also offers ``GET /sse`` requests the hand-off below ASGI (``hand_over``): the stream's
+    response head goes out through ASGI, its body from ``transports.sse.Stream``.
     """
 
     header_timeout: float = 10.0  # set per server by ``header_deadline``
@@ -213,6 +217,33 @@ class HeaderDeadline(HttpToolsProtocol):
         self._stop_head_timer()
         self._head_begun = False
         super().on_headers_complete()
+        if self.scope.get("path") == sse.PATH:  # not set for an upgrade: no cycle was made
+            self.scope[sse.HANDOFF] = Handoff(self, self.cycle)  # type: ignore[literal-required]
+
+    def hand_over(self, cycle: RequestResponseCycle, stream: sse.Stream) -> bool:
+        """Give the connection to ``stream`` below ASGI, once ``cycle``'s response head is
+        written (``GET /sse``): uvicorn writes nothing more for it, and ``stream`` writes the
+        body. False (and nothing changed) if the connection cannot leave: the client is gone,
+        a pipelined request waits behind this one, or the body is not chunked."""
+        transport = self.transport
+        if (
+            cycle is not self.cycle
+            or self.pipeline
+            or cycle.disconnected
+            or not cycle.response_started
+            or cycle.response_complete
+            or not cycle.chunked_encoding
+            or transport.is_closing()
+        ):
+            return False
+        cycle.disconnected = True  # uvicorn's send is a no-op now, and run_asgi ends quietly
+        self.connections.discard(self)
+        self.flow.resume_reading()  # the stream reads, to notice the client leave
+        writable = not self.flow.write_paused
+        self.parser = None  # type: ignore[assignment]  # it refers back to this protocol
+        transport.set_protocol(stream)
+        stream.attach(transport, self.connections, writable)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -240,6 +271,21 @@ class HeaderDeadline(HttpToolsProtocol):
                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
             )
         self.transport.close()
+
+
+class Handoff:
+    """``sse.HANDOFF`` in a ``GET /sse`` request's scope: calls ``HeaderDeadline.hand_over``.
+    Weak references, so the scope (held by the request's cycle) makes no reference cycle."""
+
+    __slots__ = ("_cycle", "_protocol")
+
+    def __init__(self, protocol: HeaderDeadline, cycle: RequestResponseCycle) -> None:
+        self._protocol = weakref.ref(protocol)
+        self._cycle = weakref.ref(cycle)
+
+    def __call__(self, stream: sse.Stream) -> bool:
+        protocol, cycle = self._protocol(), self._cycle()
+        return protocol is not None and cycle is not None and protocol.hand_over(cycle, stream)
 
 
 def header_deadline(seconds: float) -> type[HeaderDeadline]:
@@ -342,8 +388,8 @@ class Tidings:
                     loop.add_signal_handler(sig, self.request_shutdown)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._trim_loop())
-                tasks.create_task(self.context.streams.run(self._stopping))
                 grace = self.settings.server.shutdown_grace
+                tasks.create_task(self.context.streams.run(self._stopping, grace))
                 tasks.create_task(self.websockets.run(self._stopping, grace))
                 if self.grpc is not None:
                     tasks.create_task(self._drain_grpc(self.grpc))
