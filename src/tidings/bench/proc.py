@@ -31,6 +31,15 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy so far (/proc/stat), 0 if unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, first[1:9])
+        return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    return 0.0
+
+
 def own_cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime

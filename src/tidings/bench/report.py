@@ -245,3 +245,22 @@ def legend(params: dict[str, Any]) -> str:
         "subscriber. Losses / duplicates: after 10 % were dropped and resumed from their cursor. "
         "Generator CPU below 100 %: the load generator was not the limit."
     )
+
+
+def noisy(results: dict[str, dict[str, Any]], limit: float = 0.25) -> list[str]:
+    """A warning per transport whose throughput phases shared the machine with other work."""
+    out = []
+    for t, r in results.items():
+        if r.get("status") != "ok":
+            continue
+        other = max(
+            r[phase].get("other_cpu_util") or 0.0
+            for phase in ("throughput_one_channel", "throughput_n_channels")
+        )
+        if other > limit:
+            out.append(
+                f"note: {NAMES.get(t, t)}: other work used {other:.0%} of a core during its "
+                "throughput phases (kernel, other processes): its figures are noisy; rerun on "
+                "a quiet machine"
+            )
+    return out

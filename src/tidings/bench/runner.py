@@ -315,7 +315,7 @@ def finish(
     }
     width = options.width or shutil.get_terminal_size((120, 24)).columns
     print(report.text(results, width))
-    for line in report.skipped(results):
+    for line in report.skipped(results) + report.noisy(results):
         print(line)
     legend = report.legend(document["parameters"])
     print(legend)

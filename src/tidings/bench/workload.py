@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .driver import Driver
-from .proc import cpu_seconds, find_process, own_cpu_seconds, rss_kb
+from .proc import busy_seconds, cpu_seconds, find_process, own_cpu_seconds, rss_kb
 from .stats import Meter, Tally, latency_summary, per_delivery, rate
 from .subscriber import Subscriber
 from .wire import HTTPConnection, payload, publish_batch, q, request
@@ -143,6 +143,7 @@ class Window:
         self.own0 = own_cpu_seconds()
         self.cpu0 = self.probe.server_cpu()
         self.broker0 = self.probe.broker_cpu()
+        self.busy0 = busy_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -151,6 +152,7 @@ class Window:
         cpu1, broker1 = self.probe.server_cpu(), self.probe.broker_cpu()
         self.cpu = None if self.cpu0 is None or cpu1 is None else cpu1 - self.cpu0
         self.broker = None if self.broker0 is None or broker1 is None else broker1 - self.broker0
+        self.busy = busy_seconds() - self.busy0
 
     def summary(self, deliveries: int) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -167,6 +169,11 @@ class Window:
                 out["server_cpu_s_per_1000_deliveries"] = round(self.cpu / deliveries * 1e3, 7)
         if self.broker is not None:
             out["broker_cpu_util"] = round(self.broker / self.elapsed, 3)
+        if self.cpu is not None and self.busy:
+            # Busy time on the machine that was neither the hub, the broker nor the generator:
+            # kernel work for the sockets, and other processes (a high value: a noisy run).
+            other = self.busy - self.cpu - self.own - (self.broker or 0.0)
+            out["other_cpu_util"] = round(max(0.0, other) / self.elapsed, 3)
         return out
 
 
