@@ -22,6 +22,7 @@ from tidings.bench.mqtt import MQTTConnection
 from tidings.bench.mqtt import packet as mqtt_packet
 from tidings.bench.mqtt import utf8 as mqtt_utf8
 from tidings.bench.mqtt import walk as mqtt_walk
+from tidings.bench.runner import Options, choose
 from tidings.bench.sse import SSEConnection
 from tidings.bench.stats import Meter, Tally, latency_summary, per_delivery, percentile
 from tidings.bench.subscriber import Subscriber
@@ -320,6 +321,15 @@ def test_text_table_splits_columns_to_fit_the_width() -> None:
     assert len(blocks) > 1
     for block in blocks:
         assert max(len(line) for line in block.splitlines()) <= 90
+
+
+def test_relays_without_a_broker_are_skipped_with_the_reason() -> None:
+    options = Options(transports=["ws", "mqtt", "amqp"], mqtt="mqtt://127.0.0.1:9",
+                      amqp="amqp://guest:secret@127.0.0.1:9/")  # fmt: skip
+    chosen = dict(choose(options))
+    assert chosen["ws"] == ""
+    assert chosen["mqtt"].startswith("no MQTT broker answers at mqtt://127.0.0.1:9")
+    assert "127.0.0.1:9" in chosen["amqp"] and "secret" not in chosen["amqp"]
 
 
 # -- the command, end to end --------------------------------------------------------------------

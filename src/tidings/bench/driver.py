@@ -28,6 +28,10 @@ DRIVERS = {
 TRANSPORTS = tuple(DRIVERS)
 
 
+class Skip(Exception):
+    """This transport cannot run against this hub; the message says why."""
+
+
 @dataclass
 class Target:
     """Where the hub under test listens, and what the run is called on it."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from .driver import Target, load_driver
+from .driver import Skip, Target, load_driver
 from .proc import raise_nofile
 from .stats import Meter
 from .workload import Params, Workload
@@ -69,6 +69,9 @@ def main() -> int:
         runner = uvloop.run
     try:
         result = runner(run(spec))
+    except Skip as exc:
+        emit({"skip": str(exc)})
+        return 0
     except Exception as exc:
         detail = traceback.format_exc(limit=-4) if os.environ.get("TIDINGS_BENCH_DEBUG") else ""
         emit({"error": f"{type(exc).__name__}: {exc}".strip(), "detail": detail})

@@ -334,7 +334,8 @@ def finish(
         + f" in {document['elapsed_s']:.0f} s"
     )
     failed = any(r.get("status") == "failed" for r in results.values())
-    return 1 if count["losses"] or count["duplicates"] or failed else 0
+    ran = any(r.get("status") == "ok" for r in results.values())
+    return 1 if count["losses"] or count["duplicates"] or failed or not ran else 0
 
 
 def write_chart(document: dict[str, Any], path: Path) -> str:
