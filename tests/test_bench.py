@@ -18,6 +18,7 @@ from tidings.bench import report
 from tidings.bench.amqp import AMQPConnection
 from tidings.bench.amqp import method as amqp_method
 from tidings.bench.amqp import shortstr as amqp_shortstr
+from tidings.bench.grpc import GRPCConnection, subscribe_request
 from tidings.bench.mqtt import MQTTConnection
 from tidings.bench.mqtt import packet as mqtt_packet
 from tidings.bench.mqtt import utf8 as mqtt_utf8
@@ -27,7 +28,7 @@ from tidings.bench.sse import SSEConnection
 from tidings.bench.stats import Meter, Tally, latency_summary, per_delivery, percentile
 from tidings.bench.subscriber import Subscriber
 from tidings.bench.webhooks import NO_CONTENT, UNAVAILABLE, Hook, Receiver
-from tidings.bench.wire import N_OFFSET, payload, stamps
+from tidings.bench.wire import N_OFFSET, HTTPConnection, payload, request, stamps
 from tidings.bench.workload import spread
 from tidings.bench.ws import PING, PONG, WS_ACCEPT, WSConnection, walk
 
@@ -185,6 +186,48 @@ async def test_ws_counts_handshake_events_and_the_pong_it_sends() -> None:
     pong = transport.written[-1]
     assert pong[0] == 0x80 | PONG and len(pong) == 2 + 4 + len(b"are you there")
     assert meter.sent == sum(len(w) for w in transport.written)
+
+
+async def test_http_connection_meters_requests_and_pipelined_answers() -> None:
+    meter = Meter()
+    conn = HTTPConnection(meter)
+    transport = FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    raw = request("GET", "/poll?channel=a&limit=1000")
+    first, second = conn.send(raw), conn.send(raw)
+    page = b'{"events":[],"cursor":"e1:0","recovered":true,"more":false}'
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(page) + page
+    conn.data_received(answer + answer[:10])
+    conn.data_received(answer[10:])
+    assert (await first) == (200, page) and (await second) == (200, page)
+    assert meter.sent == 2 * len(raw) and meter.received == 2 * len(answer)
+
+
+async def test_grpc_counts_events_and_takes_the_cursor_from_real_protobuf() -> None:
+    from tidings.v1 import tidings_pb2 as pb
+
+    meter = Meter()
+    sub = Subscriber(0, "bench/x", meter)
+    conn = GRPCConnection(sub, b"127.0.0.1:1", subscribe_request("bench/x", "e1:4"))
+    sub.conn, sub.closed = conn, False
+    request_message = pb.SubscribeRequest()
+    request_message.ParseFromString(subscribe_request("bench/x", "e1:4"))
+    assert list(request_message.channels) == ["bench/x"] and request_message.since == "e1:4"
+
+    def message(response: object) -> bytes:
+        body = response.SerializeToString()  # type: ignore[attr-defined]
+        return b"\x00" + len(body).to_bytes(4, "big") + body
+
+    opening = pb.SubscribeResponse(subscribed=pb.Subscribed(cursor="e1:4", recovered=True))
+    events = [
+        pb.SubscribeResponse(event=pb.Event(id=f"e1:{i}", channel="bench/x", data=payload(300)))
+        for i in (5, 6)
+    ]
+    stream = message(opening) + b"".join(message(e) for e in events)
+    conn.on_data(stream[:50])  # a message split across DATA frames
+    assert conn.opened.done() and sub.cursor == "e1:4" and sub.count == 0
+    conn.on_data(stream[50:])
+    assert sub.count == 2 and sub.cursor == "e1:6" and sub.unrecovered == 0
 
 
 def test_webhook_receiver_counts_deliveries_and_refuses_a_dropped_endpoint() -> None:
@@ -369,6 +412,16 @@ def test_bench_runs_every_transport_with_zero_losses_and_writes_json_and_png(
         assert r["memory"]["kb_per_idle_subscriber"] is not None
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "bench.md").read_text().startswith("| | ")
+
+
+def test_bench_refuses_a_payload_too_small_for_its_stamp() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tidings", "bench", "--payload", "20"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("tidings: --payload 20 is too small")
 
 
 def test_bench_against_an_unreachable_url_says_so_in_one_line() -> None:

@@ -113,7 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from .runner import Options, run
+    from .wire import payload
 
+    try:
+        payload(args.payload)
+    except ValueError as exc:
+        print(f"tidings: {exc}", file=sys.stderr)
+        return 2
     if args.pid is not None and not args.url:
         print("tidings: --pid needs --url (a hub bench starts is measured anyway)", file=sys.stderr)
         return 2
