@@ -94,7 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --url: the hub's process id, to read its CPU time and memory",
     )
     p.add_argument(
-        "--grpc-port", type=int, default=0, help="with --url: the hub's gRPC port (default 50051)"
+        "--grpc-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="with --url: the hub's gRPC port (default 50051)",
     )
     p.add_argument(
         "--mqtt",
