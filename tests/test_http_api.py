@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from conftest import RunningServer
+from streaming import raw_request
 from tidings.events import Cursor
 
 
@@ -307,6 +308,43 @@ def test_healthz_reports_ok_epoch_cursor_and_subscribers(
         "cursor": event["id"],
         "subscribers": 0,
     }
+
+
+PUBLISHES = {
+    "created": ("orders/1", b'{"a":1}', "content-type: application/json\r\n"),
+    "replayed": ("orders/1", b'{"a":1}', "idempotency-key: same\r\n"),
+    "invalid channel": ("orders//1", b"1", ""),
+    "form encoded": ("orders/1", b"a=b", "content-type: application/x-www-form-urlencoded\r\n"),
+    "bad json": ("orders/1", b'{"a":', "content-type: application/json\r\n"),
+    "system channel": ("_tidings/x", b"1", ""),
+    "bad credential": ("orders/1", b"1", "authorization: Basic abc\r\n"),
+    "too large": ("orders/1", b"x" * 70_000, ""),
+}
+
+
+@pytest.mark.parametrize("case", PUBLISHES)
+def test_publish_answers_alike_below_starlette_and_through_it(
+    server: RunningServer, case: str
+) -> None:
+    # Without a query string or an Origin header, POST /channels/{c} is answered below
+    # Starlette (http.publish_direct); "?type=message" (the default type) takes the app's route.
+    channel, body, headers = PUBLISHES[case]
+    answers = []
+    for query in ("", "?type=message"):
+        request = (
+            f"POST /channels/{channel}{query} HTTP/1.1\r\nhost: tidings\r\n{headers}"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode()
+        if case == "replayed":  # both answers are replays
+            raw_request(server.url, request, body_chunks=[body])
+        answer = raw_request(server.url, request, body_chunks=[body])
+        answer.headers.pop("date", None)
+        content = answer.json()
+        if answer.status == 201:  # another event each time
+            del content["id"], content["time"]
+        answers.append((answer.status, list(answer.headers.items()), content))
+    assert answers[0] == answers[1]
+    assert (answers[0][0] == 201) == (case in ("created", "replayed", "form encoded"))
 
 
 def test_error_bodies_are_json_with_error_and_detail(client: httpx.Client) -> None:

@@ -28,6 +28,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from . import brokers, relays
@@ -186,6 +187,20 @@ def make_webhooks(hub: Hub, settings: Settings) -> Webhooks | None:
     return Webhooks(hub, settings.webhooks, WebhookStore(path))
 
 
+def direct_routes(app: ASGIApp, ctx: Context) -> ASGIApp:
+    """``app``, with the requests ``http.direct_publish`` picks (``POST /channels/{channel}``
+    that needs no CORS and no query check) answered by ``http.publish_direct`` instead."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = http.direct_publish(scope)
+        if headers is None:
+            await app(scope, receive, send)
+        else:
+            await http.publish_direct(ctx, headers, scope, receive, send)
+
+    return asgi
+
+
 class HeaderDeadline(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol with a deadline for each request's line and headers.
 
@@ -333,8 +348,8 @@ class Tidings:
         self.hub = make_hub(settings)
         self.app = build_app(self.hub, settings)
         policy = origins.check(settings.http.origins)
-        self.asgi = origins.guard(self.app, policy)
         self.context: Context = self.app.state.tidings
+        self.asgi = direct_routes(origins.guard(self.app, policy), self.context)
         self.websockets = websocket.WebSockets(self.context, policy)
         self.grpc: GrpcServer | None = None  # made in ``run``: grpc.aio binds to the loop
         self.socket: socket.socket | None = None
