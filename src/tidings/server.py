@@ -241,6 +241,14 @@ class HeaderDeadline(HttpToolsProtocol):
         if self.scope.get("path") == sse.PATH:  # not set for an upgrade: no cycle was made
             self.scope[sse.HANDOFF] = Handoff(self, self.cycle)  # type: ignore[literal-required]
 
+    def handle_websocket_upgrade(self) -> None:
+        # uvicorn hands the socket to the WebSocket protocol (transports.websocket); this
+        # protocol object is done: no deadline left to keep, and the parser that refers back to
+        # it is let go, so it is freed now rather than by the cyclic collector.
+        self._stop_head_timer()
+        super().handle_websocket_upgrade()
+        self.parser = None  # type: ignore[assignment]
+
     def hand_over(self, cycle: RequestResponseCycle, stream: sse.Stream) -> bool:
         """Give the connection to ``stream`` below ASGI, once ``cycle``'s response head is
         written (``GET /sse``): uvicorn writes nothing more for it, and ``stream`` writes the
