@@ -95,6 +95,28 @@ TARGETS = {
     "webhooks": ("deliveries_per_s", ">=", 2000),
     "idle": ("kib_per_idle_subscriber", "<=", 11.0),
 }
+# The performance targets of issue 8 (1,000 subscribers on one channel, 256-byte events, the
+# server on one core), checked and saved beside TARGETS (the floors that set the exit status):
+# (dotted path into the result, op, value).
+GOALS: dict[str, list[tuple[str, str, float]]] = {
+    "publish": [("publishes_per_s", ">=", 10_000)],
+    "fanout": [
+        ("deliveries_per_s", ">=", 80_000),
+        ("server_cpu_us_per_delivery", "<=", 12.0),
+        ("unbatched.server_cpu_us_per_delivery", "<=", 12.0),
+    ],
+    "latency": [("p99_ms", "<=", 35.0)],
+    "ws-fanout": [
+        ("deliveries_per_s", ">=", 80_000),
+        ("servers.tidings.server_cpu_us_per_delivery", "<=", 12.0),
+        ("servers.tidings.unbatched_server_cpu_us_per_delivery", "<=", 12.0),
+    ],
+    "ws-latency": [("p99_ms", "<=", 35.0)],
+    "idle": [
+        ("sse_kib_per_idle_subscriber", "<=", 11.0),
+        ("ws_kib_per_idle_subscriber", "<=", 11.0),
+    ],
+}
 
 
 # -- workload: publish -------------------------------------------------------------------------
@@ -482,7 +504,7 @@ ALIASES = {"all": list(WORKLOADS), "ws": list(WS_WORKLOADS), "grpc": list(GRPC_W
 
 def flat(result: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in result.items():
-        if key in ("sweep", "steps"):
+        if key in ("sweep", "steps", "goals"):
             continue
         if isinstance(value, dict):
             yield from flat(value, f"{prefix}{key}.")
@@ -513,6 +535,7 @@ def report(name: str, result: dict[str, Any]) -> None:
     if name == "webhooks":
         print(webhook_headline(result))
     if "servers" in result:  # a ws workload: the side-by-side table, then tidings in detail
+        report_goals(name, result)
         report_ws(name, result, op)
         result["target"] = {"metric": metric, "op": op, "value": target, "met": met}
         return
@@ -526,10 +549,26 @@ def report(name: str, result: dict[str, Any]) -> None:
             f"{unbatched['implied_max_deliveries_per_s']:,}/s with the core 100 % busy "
             f"(target {op} {target:,}: {'met' if got >= target else 'MISSED'})"
         )
+    report_goals(name, result)
     for key, val in flat(result):
         shown = f"{val:,}" if isinstance(val, int | float) and not isinstance(val, bool) else val
         print(f"  {key:<44} {shown}")
     result["target"] = {"metric": metric, "op": op, "value": target, "met": met}
+
+
+def report_goals(name: str, result: dict[str, Any]) -> None:
+    """Check and print the workload's GOALS; saved as ``result["goals"]``."""
+    checked = []
+    for path, op, wanted in GOALS.get(name, []):
+        value: Any = result
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        met = value is not None and (value >= wanted if op == ">=" else value <= wanted)
+        checked.append({"metric": path, "op": op, "value": wanted, "got": value, "met": met})
+        shown = "not measured" if value is None else f"{value:,}"
+        print(f"   goal (issue 8): {path} {op} {wanted:,}: {shown}, {'met' if met else 'MISSED'}")
+    if checked:
+        result["goals"] = checked
 
 
 def report_grpc(name: str, result: dict[str, Any]) -> None:
