@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
+from ..relays.mqttcodec import property_block, utf8, varint
 from .driver import Driver, Target
 from .stats import Meter
 from .subscriber import Subscriber
@@ -30,32 +31,18 @@ SESSION_SECONDS = 300  # the broker forgets a session this long after a run that
 QOS1_NO_RETAINED = 0x01 | 2 << 4  # subscription options: QoS 1, Retain Handling 2
 
 
-def remaining_length(n: int) -> bytes:
-    """The Variable Byte Integer of §1.5.5."""
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def utf8(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack(">H", len(raw)) + raw
-
-
 def packet(kind: int, flags: int, body: bytes) -> bytes:
-    return bytes((kind << 4 | flags,)) + remaining_length(len(body)) + body
+    """A control packet: the fixed header (type, flags, remaining length), then ``body``."""
+    return bytes((kind << 4 | flags,)) + varint(len(body)) + body
 
 
 def connect_packet(
     client_id: str, clean: bool, user: str = "", password: str = "", expiry: int = SESSION_SECONDS
 ) -> bytes:
     flags = (0x02 if clean else 0) | (0x80 if user else 0) | (0x40 if password else 0)
-    props = bytes((SESSION_EXPIRY,)) + struct.pack(">I", expiry)
+    props = property_block(bytes((SESSION_EXPIRY,)) + struct.pack(">I", expiry))
     body = utf8("MQTT") + bytes((5, flags)) + struct.pack(">H", 0)  # keep-alive off
-    body += remaining_length(len(props)) + props + utf8(client_id)
+    body += props + utf8(client_id)
     if user:
         body += utf8(user)
     if password:
@@ -68,7 +55,8 @@ def subscribe_packet(topic: str, packet_id: int = 1) -> bytes:
     return packet(SUBSCRIBE, 0x2, body)
 
 
-END_SESSION = packet(DISCONNECT, 0, b"\x00" + remaining_length(5) + b"\x11\x00\x00\x00\x00")
+# Reason 0, then Session Expiry Interval 0: the broker drops the session now.
+END_SESSION = packet(DISCONNECT, 0, b"\x00" + property_block(b"\x11\x00\x00\x00\x00"))
 
 
 def walk(buf: bytes) -> tuple[list[tuple[int, int, int, int]], int]:

@@ -87,6 +87,7 @@ from ..exceptions import (
 )
 from ..hub import Hub
 from . import CURSOR_PROPERTY, Ingest, OutboundRelay, refusal_reason, sleep_unless
+from .mqttcodec import property_block, utf8
 
 logger = logging.getLogger("tidings.relays.mqtt")
 
@@ -173,31 +174,15 @@ def overlaps(prefix: str, inbound_prefix: str) -> bool:
     return mine.startswith(theirs) or theirs.startswith(mine)
 
 
-def _varint(n: int) -> bytes:
-    """MQTT 5 §1.5.5 Variable Byte Integer."""
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string(text: str) -> bytes:
-    """MQTT 5 §1.5.4 UTF-8 Encoded String (the caller keeps it under 65,536 bytes)."""
-    raw = text.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
 def publish_properties(event: Event) -> bytes:
     """The MQTT 5 PUBLISH properties of a relayed event, encoded (§2.2.2, §3.3.2.3)."""
     body = bytearray()
     if is_json_type(event.content_type) or is_text_type(event.content_type):
         body += b"\x01\x01"  # Payload Format Indicator: UTF-8 (make_draft checked it is)
-    body += b"\x03" + _string(event.content_type)  # Content Type
-    body += b"\x26" + _string(CURSOR_PROPERTY) + _string(event.cursor)  # User Property
-    body += b"\x26" + _string(TYPE_PROPERTY) + _string(event.type)
-    return _varint(len(body)) + bytes(body)
+    body += b"\x03" + utf8(event.content_type)  # Content Type
+    body += b"\x26" + utf8(CURSOR_PROPERTY) + utf8(event.cursor)  # User Property
+    body += b"\x26" + utf8(TYPE_PROPERTY) + utf8(event.type)
+    return property_block(bytes(body))
 
 
 class EncodedProperties(Properties):
