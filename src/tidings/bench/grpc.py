@@ -26,7 +26,8 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING = 0x0, 0x1, 0x3, 0x4, 0x6
 GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x7, 0x8, 0x9
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
-SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE = 0x1, 0x2, 0x4
+SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
+SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 MAX_WINDOW = (1 << 31) - 1
 DEFAULT_WINDOW = 65_535
 REFILL = 1 << 28  # give the server back what it sent in big steps
@@ -45,6 +46,35 @@ def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
 def grpc_message(body: bytes) -> bytes:
     """One length-prefixed gRPC message, uncompressed."""
     return b"\x00" + _U32.pack(len(body)) + body
+
+
+def client_preface() -> bytes:
+    """What a client connection opens with: the preface and SETTINGS (no header table for the
+    server to index into, no push, the largest stream windows), and the connection window
+    raised to the largest too. Requests may follow at once, before the server's SETTINGS."""
+    settings = b"".join(
+        struct.pack(">HI", key, value)
+        for key, value in (
+            (SETTINGS_HEADER_TABLE_SIZE, 0),
+            (SETTINGS_ENABLE_PUSH, 0),
+            (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
+        )
+    )
+    return (
+        PREFACE
+        + frame(SETTINGS, 0, 0, settings)
+        + frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - DEFAULT_WINDOW))
+    )
+
+
+def header_fragment(flags: int, payload: bytes) -> bytes:
+    """A HEADERS frame's header block fragment: its padding and priority fields left out
+    (RFC 9113 §6.2)."""
+    if flags & PADDED:
+        payload = payload[1 : len(payload) - payload[0]]
+    if flags & PRIORITY:
+        payload = payload[5:]
+    return payload
 
 
 def varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -107,19 +137,8 @@ class GRPCConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
-        settings = b"".join(
-            struct.pack(">HI", key, value)
-            for key, value in (
-                (SETTINGS_HEADER_TABLE_SIZE, 0),
-                (SETTINGS_ENABLE_PUSH, 0),
-                (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
-            )
-        )
-        # The request needs no answer first: a client may send right after its preface.
         self.write(
-            PREFACE
-            + frame(SETTINGS, 0, 0, settings)
-            + frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - DEFAULT_WINDOW))
+            client_preface()
             + frame(HEADERS, END_HEADERS, STREAM, self.headers)
             + frame(DATA, END_STREAM, STREAM, self.request)
         )
@@ -200,11 +219,7 @@ class GRPCConnection(asyncio.Protocol):
     def control(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if ftype in (HEADERS, CONTINUATION):
             if ftype == HEADERS:
-                if flags & PADDED:
-                    payload = payload[1 : len(payload) - payload[0]]
-                if flags & PRIORITY:
-                    payload = payload[5:]
-            if ftype == HEADERS:
+                payload = header_fragment(flags, payload)
                 self._ends = bool(flags & END_STREAM)
             self._block += payload
             if flags & END_HEADERS:

@@ -18,7 +18,38 @@ from .wire import N_OFFSET, STAMP
 CURSOR = re.compile(rb'"(?:id|cursor)":"([a-z0-9]+:\d+)"')
 
 
-class Subscriber:
+class Counting:
+    """``reached(n)`` futures over something that counts what it receives (``count``) until
+    it closes (``closed``): whoever sends in a closed loop sleeps until the slowest receiver
+    catches up, instead of polling (uvloop's timers have 1 ms resolution: a shorter sleep
+    spins). The receiver calls ``wake(count)`` as messages arrive and ``wake()`` when it closes.
+    """
+
+    count: int
+    closed: bool
+    _waiters: list[tuple[int, asyncio.Future[None]]]
+
+    def reached(self, n: int) -> asyncio.Future[None] | None:
+        """A future resolved once ``count >= n`` or it closes; None if either has happened."""
+        if self.count >= n or self.closed:
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        return fut
+
+    def wake(self, upto: int | None = None) -> None:
+        """Resolve ``reached`` futures up to ``upto`` (all of them without it)."""
+        keep = []
+        for n, fut in self._waiters:
+            if upto is None or n <= upto:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((n, fut))
+        self._waiters = keep
+
+
+class Subscriber(Counting):
     """A logical subscriber on ``channel``; ``conn`` is its current connection (if any)."""
 
     def __init__(self, index: int, channel: str, meter: Meter) -> None:
@@ -62,25 +93,6 @@ class Subscriber:
             found = m
         if found is not None:
             self.cursor = found.group(1).decode()
-
-    def reached(self, n: int) -> asyncio.Future[None] | None:
-        """A future resolved once ``count >= n`` or the connection closes; None if it has."""
-        if self.count >= n or self.closed:
-            return None
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
-        return fut
-
-    def wake(self, upto: int | None = None) -> None:
-        """Resolve ``reached`` futures up to ``upto`` (all of them without it)."""
-        keep = []
-        for n, fut in self._waiters:
-            if upto is None or n <= upto:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                keep.append((n, fut))
-        self._waiters = keep
 
     def connection_closed(self, why: str = "") -> None:
         self.closed = True

@@ -20,7 +20,7 @@ from .driver import Driver, Skip, Target
 from .hub import free_port
 from .stats import Meter
 from .subscriber import Subscriber
-from .wire import HTTPConnection, request
+from .wire import HTTPConnection, messages, request
 
 NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
 UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
@@ -52,21 +52,11 @@ class Hook(asyncio.Protocol):
         receiver = self.receiver
         receiver.meter.received += len(data)
         buf = self._buf + data if self._buf else data
+        found, rest = messages(buf)
+        self._buf = buf[rest:]
         out = []
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = buf[:end].lower()
-            i = head.find(b"\r\ncontent-length:")
-            length = 0
-            if i >= 0:
-                j = head.find(b"\r\n", i + 2)
-                length = int(head[i + 17 : j if j >= 0 else end])
-            total = end + 4 + length
-            if len(buf) < total:
-                break
-            path = buf[buf.find(b" ") + 1 : buf.find(b" HTTP/", 0, end)]
+        for start, end, total in found:
+            path = buf[buf.find(b" ", start) + 1 : buf.find(b" HTTP/", start, end)]
             sub = receiver.paths.get(path)
             if sub is None:
                 receiver.strangers += 1
@@ -77,8 +67,6 @@ class Hook(asyncio.Protocol):
             else:
                 sub.delivered(buf, 1, end + 4, total)
                 out.append(NO_CONTENT)
-            buf = buf[total:]
-        self._buf = buf
         if out and self.transport is not None:
             reply = b"".join(out)
             receiver.meter.sent += len(reply)

@@ -67,11 +67,36 @@ def publish_batch(events: list[tuple[str, bytes]], host: str = HOST) -> bytes:
     return request("POST", "/publish", body + b"]}", host)
 
 
+def messages(buf: bytes) -> tuple[list[tuple[int, int, int]], int]:
+    """The complete HTTP/1.1 messages (requests or responses) at the start of ``buf``:
+    (start, end of head, end) of each, its body being ``buf[head + 4 : end]``, and where the
+    incomplete rest begins. A body is framed by ``content-length`` only (none: no body; every
+    tidings answer and webhook request has one, chunked bodies are not needed)."""
+    found = []
+    pos, n = 0, len(buf)
+    while True:
+        end = buf.find(b"\r\n\r\n", pos)
+        if end < 0:
+            break
+        head = buf[pos:end].lower()
+        i = head.find(b"\r\ncontent-length:")
+        length = 0
+        if i >= 0:
+            j = head.find(b"\r\n", i + 2)
+            length = int(head[i + 17 : j if j >= 0 else len(head)])
+        total = end + 4 + length
+        if total > n:
+            break
+        found.append((pos, end, total))
+        pos = total
+    return found, pos
+
+
 class HTTPConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 client connection; responses resolve requests in order.
 
-    Parses only the status line and ``content-length`` (every tidings answer has one; chunked
-    bodies are not needed). ``meter`` counts its bytes when given.
+    Parses only the status line and ``content-length`` (``messages``). ``meter`` counts its
+    bytes when given.
     """
 
     def __init__(self, meter: Meter | None = None) -> None:
@@ -118,28 +143,13 @@ class HTTPConnection(asyncio.Protocol):
         if self.meter is not None:
             self.meter.received += len(data)
         buf = self._buf + data if self._buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = buf[:end].lower()
-            i = head.find(b"\r\ncontent-length:")
-            if i < 0:
-                length = 0
-            else:
-                j = head.find(b"\r\n", i + 2)
-                length = int(head[i + 17 : j if j >= 0 else len(head)])
-            total = end + 4 + length
-            if len(buf) < total:
-                break
-            status = int(buf[9:12])
-            body = buf[end + 4 : total]
-            buf = buf[total:]
+        found, rest = messages(buf)
+        self._buf = buf[rest:]
+        for start, end, total in found:
             if self._waiters:
                 w = self._waiters.popleft()
                 if not w.done():
-                    w.set_result((status, body))
-        self._buf = buf
+                    w.set_result((int(buf[start + 9 : start + 12]), buf[end + 4 : total]))
 
     def close(self) -> None:
         if self.transport is not None:
