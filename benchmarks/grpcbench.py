@@ -44,12 +44,10 @@ from grpcgen import (
     unary,
     wait_serving,
 )
-from loadgen import HTTPConnection, payload_bytes
+from loadgen import HOST, payload_bytes
 from target import (
-    CLK_TCK,
     Server,
     Window,
-    free_port,
     idle_memory,
     lagged_total,
     paced,
@@ -57,6 +55,9 @@ from target import (
     receipt_summary,
     running_server,
 )
+from tidings.bench.hub import free_port
+from tidings.bench.proc import CLK_TCK
+from tidings.bench.wire import HTTPConnection
 from tidings.v1 import tidings_pb2 as pb
 from wsbench import Feed, HTTPFeed, closed_loop, open_loop
 
@@ -346,7 +347,7 @@ async def workload_grpc_fanout(args: argparse.Namespace) -> dict[str, Any]:
         feeds: list[Feed] = []
         for i in range(args.fan_publishers):
             if args.grpc_fan_publish == "http":
-                conn = await HTTPConnection.open(server.port)
+                conn = await HTTPConnection.open(HOST, server.port)
                 feeds.append(HTTPFeed(conn, FAN_CHANNEL, args.size))
             else:
                 feeds.append(GRPCFeed(client.caller(i), FAN_CHANNEL, args.size))

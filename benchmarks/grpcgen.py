@@ -9,7 +9,9 @@ as ``loadgen.py`` does for HTTP/1.1 and WebSocket:
   and SETTINGS, frame headers walked in place, PINGs and SETTINGS acknowledged, flow control.
   It advertises the largest receive windows (2^31-1) and tops the connection window up in big
   steps, so the server's writes are limited by TCP, as on the other transports; it honours the
-  server's windows and ``MAX_CONCURRENT_STREAMS`` for what it sends.
+  server's windows and ``MAX_CONCURRENT_STREAMS`` for what it sends. Its opening, frames and
+  request messages are ``tidings.bench.grpc``'s, whose subscribers (one call per connection)
+  open the same way.
 - Request headers are built once per method (HPACK literals, no Huffman, no indexing).
   Response headers and trailers are decoded by a small HPACK reader (RFC 7541) that only needs
   what a gRPC server sends: the client announces a header table of 0 bytes, so the server
@@ -36,19 +38,33 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from loadgen import Progress
+from tidings.bench.grpc import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    MAX_WINDOW,
+    PADDED,
+    PING,
+    RST_STREAM,
+    SETTINGS,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_CONCURRENT_STREAMS,
+    SUBSCRIBE,
+    WINDOW_UPDATE,
+    client_preface,
+    frame,
+    grpc_message,
+    header_fragment,
+)
 from tidings.bench.hpack import HeaderDecoder, request_headers
+from tidings.bench.subscriber import Counting
 
 HOST = "127.0.0.1"
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-# Frame types (RFC 9113 §6) this client meets.
-DATA, HEADERS, RST_STREAM, SETTINGS, PING = 0x0, 0x1, 0x3, 0x4, 0x6
-GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x7, 0x8, 0x9
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
-SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
-SETTINGS_INITIAL_WINDOW_SIZE = 0x4
-MAX_WINDOW = (1 << 31) - 1
-DEFAULT_WINDOW = 65_535
 # Give the server back what it sent in big steps: one WINDOW_UPDATE per this many bytes.
 CONNECTION_REFILL = 1 << 28
 STREAM_REFILL = 1 << 30
@@ -73,22 +89,12 @@ STATUS_NAMES = {
     16: "UNAUTHENTICATED",
 }
 
-SUBSCRIBE = b"/tidings.v1.Tidings/Subscribe"
 PUBLISH = b"/tidings.v1.Tidings/Publish"
 PUBLISH_BATCH = b"/tidings.v1.Tidings/PublishBatch"
 HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
 
 
-# -- framing -----------------------------------------------------------------------------------
-
-
-def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return _FRAME.pack(len(payload) << 8 | ftype, flags, stream) + payload
-
-
-def grpc_message(body: bytes) -> bytes:
-    """One length-prefixed gRPC message, uncompressed."""
-    return b"\x00" + _U32.pack(len(body)) + body
+# -- framing (frames, the preface and request messages: tidings.bench.grpc) --------------------
 
 
 def grpc_messages(data: bytes) -> list[bytes]:
@@ -101,8 +107,8 @@ def grpc_messages(data: bytes) -> list[bytes]:
     return out
 
 
-# HPACK (RFC 7541), as little as a gRPC client needs, lives in the package (tidings bench uses
-# it too).
+# HPACK (RFC 7541), as little as a gRPC client needs, lives in the package too
+# (tidings.bench.hpack).
 
 
 # -- calls -------------------------------------------------------------------------------------
@@ -163,7 +169,7 @@ class Call:
         return f"{name} {self.error.decode(errors='replace')}".strip()
 
 
-class SubscribeStream(Progress, Call):
+class SubscribeStream(Counting, Call):
     """One server-streaming call whose messages are counted by their length prefixes."""
 
     def __init__(self, receipts: list[tuple[int, int]] | None = None) -> None:
@@ -301,19 +307,7 @@ class H2Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
-        settings = b"".join(
-            struct.pack(">HI", key, value)
-            for key, value in (
-                (SETTINGS_HEADER_TABLE_SIZE, 0),
-                (SETTINGS_ENABLE_PUSH, 0),
-                (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
-            )
-        )
-        self.transport.write(
-            PREFACE
-            + frame(SETTINGS, 0, 0, settings)
-            + frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - DEFAULT_WINDOW))
-        )
+        self.transport.write(client_preface())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -460,10 +454,7 @@ class H2Connection(asyncio.Protocol):
     def _control(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if ftype in (HEADERS, CONTINUATION):
             if ftype == HEADERS:
-                if flags & PADDED:
-                    payload = payload[1 : len(payload) - payload[0]]
-                if flags & PRIORITY:
-                    payload = payload[5:]
+                payload = header_fragment(flags, payload)
             call = self.streams.get(sid)
             if call is not None:
                 call.on_headers(payload, flags, ftype == CONTINUATION)
@@ -596,7 +587,7 @@ def aio_channel(port: int) -> Any:
     )
 
 
-class AioSubscribeStream(Progress):
+class AioSubscribeStream(Counting):
     """A Subscribe call read with grpc.aio (raw bytes, no protobuf parsing), counted the same."""
 
     def __init__(self, channel: Any, request: bytes, receipts: list[tuple[int, int]] | None):

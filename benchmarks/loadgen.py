@@ -1,11 +1,12 @@
 """The lean load generator: raw asyncio protocols, no HTTP library.
 
 Everything here is built to cost the generator as little CPU per request or delivery as possible,
-so that the generator's one core is never what limits a measurement:
+so that the generator's one core is never what limits a measurement. What ``tidings bench``'s
+generator does the same way comes from the package (one copy): the keep-alive HTTP/1.1 client
+(``HTTPConnection``, ``request``, ``fetch``) from ``tidings.bench.wire``; the WebSocket upgrade,
+client frames and server frame walker from ``tidings.bench.ws``; closed-loop waits
+(``Counting``) from ``tidings.bench.subscriber``. Here, what only these benchmarks measure with:
 
-- ``HTTPConnection`` writes pre-built HTTP/1.1 requests on a keep-alive connection and parses
-  responses minimally (status line, ``content-length``; chunked bodies are not supported and not
-  needed: every tidings publish answers with a length).
 - ``SSEStream`` counts events by counting ``b"\\nid: "`` (every event block has an ``id:`` line and
   is preceded by a newline: the previous block's blank line or the chunk-size line), handling a
   pattern split across reads, so it never parses or copies the stream.
@@ -14,23 +15,24 @@ so that the generator's one core is never what limits a measurement:
 - ``WSStream`` is one WebSocket client (RFC 6455) for any server: the upgrade with a fixed key,
   then server frames walked by their headers and counted, never decoded; pings answered.
   ``TimedWSStream`` records latency like ``TimedSSEStream``; ``WSPublisher`` writes pre-built
-  masked frames (``ws_frame``) and counts the acknowledgements, if the server sends any.
+  masked frames (``tidings.bench.ws.frame``) and counts the acknowledgements, if the server
+  sends any.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import os
 import re
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+
+from tidings.bench.subscriber import Counting
+from tidings.bench.wire import request
+from tidings.bench.ws import CLOSE, PING, PONG, WS_ACCEPT, frame, upgrade, walk
 
 HOST = "127.0.0.1"
 EVENT_MARK = b"\nid: "
@@ -58,15 +60,6 @@ def payload_bytes(size: int, t: int = 0) -> bytes:
     return body
 
 
-def request(
-    method: str, path: str, body: bytes = b"", content_type: str = "application/json"
-) -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nhost: {HOST}\r\n"
-    if body or method in ("POST", "PUT"):
-        head += f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
-    return head.encode() + b"\r\n" + body
-
-
 def batch_request(channel: str, size: int, n: int, t: int = 0) -> bytes:
     """``POST /publish`` of ``n`` events of ``size`` bytes on ``channel``."""
     event = {"channel": channel, "data": payload(size, t)}
@@ -77,82 +70,6 @@ async def check_ack(fut: Awaitable[tuple[int, bytes]]) -> None:
     status, body = await fut
     if status != 201:
         raise RuntimeError(f"publish answered {status}: {body[:200]!r}")
-
-
-class HTTPConnection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection; requests may be pipelined (responses come in order)."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._buf = b""
-        self._waiters: deque[asyncio.Future[tuple[int, bytes]]] = deque()
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    @classmethod
-    async def open(cls, port: int) -> HTTPConnection:
-        loop = asyncio.get_running_loop()
-        _, proto = await loop.create_connection(cls, HOST, port)
-        return proto
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        err = exc or ConnectionError("connection closed by the server")
-        while self._waiters:
-            w = self._waiters.popleft()
-            if not w.done():
-                w.set_exception(err)
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def send(self, raw: bytes) -> asyncio.Future[tuple[int, bytes]]:
-        """Write one pre-built request; the future resolves to (status, body)."""
-        fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        if self.transport is None or self.transport.is_closing():
-            fut.set_exception(ConnectionError("connection is closed"))
-            return fut
-        self._waiters.append(fut)
-        self.transport.write(raw)
-        return fut
-
-    def data_received(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = buf[:end].lower()
-            i = head.find(b"content-length:")
-            if i < 0:
-                length = 0
-            else:
-                j = head.find(b"\r\n", i)
-                length = int(head[i + 15 : j if j >= 0 else len(head)])
-            total = end + 4 + length
-            if len(buf) < total:
-                break
-            status = int(buf[9:12])
-            body = buf[end + 4 : total]
-            buf = buf[total:]
-            if self._waiters:
-                w = self._waiters.popleft()
-                if not w.done():
-                    w.set_result((status, body))
-        self._buf = buf
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-async def fetch(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-    """One request on a fresh connection (for /healthz and /metrics)."""
-    conn = await HTTPConnection.open(port)
-    try:
-        return await asyncio.wait_for(conn.send(request(method, path, body)), 10)
-    finally:
-        conn.close()
 
 
 class SSEStream(asyncio.Protocol):
@@ -256,74 +173,8 @@ async def open_streams(
 
 # -- WebSocket ---------------------------------------------------------------------------------
 
-# RFC 6455 §1.3's sample nonce: a fixed key makes the expected Sec-WebSocket-Accept a constant.
-WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-WS_ACCEPT = base64.b64encode(
-    hashlib.sha1(WS_KEY + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-)
-WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
-
-def ws_upgrade(path: bytes) -> bytes:
-    """The opening handshake of one client connection (RFC 6455 §4.1)."""
-    return (
-        b"GET " + path + b" HTTP/1.1\r\nhost: " + HOST.encode() + b"\r\n"
-        b"upgrade: websocket\r\nconnection: Upgrade\r\n"
-        b"sec-websocket-key: " + WS_KEY + b"\r\nsec-websocket-version: 13\r\n\r\n"
-    )
-
-
-def ws_frame(payload: bytes, opcode: int = WS_TEXT) -> bytes:
-    """One unfragmented client frame; clients must mask every frame (RFC 6455 §5.3)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 1 << 16:
-        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    key = os.urandom(4)
-    if not n:
-        return head + key
-    # XOR with the key repeated over the payload, as one big-integer operation.
-    stream = (key * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
-    return head + key + masked
-
-
-class Progress:
-    """``reached(n)`` futures for a stream that counts what it receives (``count``, ``closed``).
-
-    Lets a closed-loop publisher sleep until the slowest subscriber catches up, instead of
-    polling (uvloop's timers have 1 ms resolution: a shorter sleep spins). The stream calls
-    ``wake(count)`` as messages arrive and ``wake()`` when it closes.
-    """
-
-    count: int
-    closed: bool
-    _waiters: list[tuple[int, asyncio.Future[None]]]
-
-    def reached(self, n: int) -> asyncio.Future[None] | None:
-        """A future that resolves once ``count >= n`` (or the stream closes); None if it has."""
-        if self.count >= n or self.closed:
-            return None
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
-        return fut
-
-    def wake(self, upto: int | None = None) -> None:
-        """Resolve the ``reached`` futures up to ``upto`` (all of them without it)."""
-        keep = []
-        for n, fut in self._waiters:
-            if upto is None or n <= upto:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                keep.append((n, fut))
-        self._waiters = keep
-
-
-class WSStream(Progress, asyncio.Protocol):
+class WSStream(Counting, asyncio.Protocol):
     """One WebSocket connection that counts the server's messages without decoding them.
 
     After the 101 it writes ``first`` (pre-built masked frames, e.g. a tidings ``subscribe``).
@@ -336,7 +187,7 @@ class WSStream(Progress, asyncio.Protocol):
     def __init__(
         self, path: bytes, first: bytes = b"", wait_message: bool = True, expect: bytes = b""
     ) -> None:
-        self._request = ws_upgrade(path)
+        self._request = upgrade(path.decode(), HOST)
         self._first = first
         self._wait_message = wait_message
         self._expect = expect  # the first message must contain this (e.g. b'"subscribed"')
@@ -398,37 +249,20 @@ class WSStream(Progress, asyncio.Protocol):
         self.reads += 1
         self.bytes += len(data)
         buf = self._buf + data if self._buf else data
-        pos, n, count = 0, len(buf), 0
-        while n - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length = b1 & 0x7F
-            if length < 126:
-                start = pos + 2
-            elif length == 126:
-                start = pos + 4
-                if start > n:
-                    break
-                length = buf[pos + 2] << 8 | buf[pos + 3]
-            else:
-                start = pos + 10
-                if start > n:
-                    break
-                length = int.from_bytes(buf[pos + 2 : start], "big")
-            end = start + length
-            if end > n:
-                break
-            if b1 & 0x80:  # RFC 6455 §5.1: a server must not mask its frames
-                return self._fail(f"masked frame from the server: {buf[pos : pos + 16]!r}")
-            opcode = b0 & 0x0F
+        try:
+            frames, pos = walk(buf)
+        except ValueError as exc:  # a masked frame (RFC 6455 §5.1)
+            return self._fail(str(exc))
+        self._buf = buf[pos:]
+        count = 0
+        for opcode, fin, start, end in frames:
             if opcode < 8:  # text, binary or continuation: a message ends at FIN
-                if b0 & 0x80:
+                if fin:
                     count += 1
                     if not self.count and count == 1:
                         self._first_message(buf[start:end])
             else:
                 self._control(opcode, buf[start:end])
-            pos = end
-        self._buf = buf[pos:] if pos < n else b""
         if count:
             self.count += count
             if self._waiters:
@@ -445,12 +279,12 @@ class WSStream(Progress, asyncio.Protocol):
             self.opened.set_result(None)
 
     def _control(self, opcode: int, payload: bytes) -> None:
-        if opcode == WS_PING:  # RFC 6455 §5.5.3: answer with the same payload
-            self.write(ws_frame(payload, WS_PONG))
-        elif opcode == WS_CLOSE:  # §5.5.1: record the code, echo it, let the server close TCP
+        if opcode == PING:  # RFC 6455 §5.5.3: answer with the same payload
+            self.write(frame(payload, PONG))
+        elif opcode == CLOSE:  # §5.5.1: record the code, echo it, let the server close TCP
             self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
             self.close_reason = payload[2:]
-            self.write(ws_frame(payload[:2], WS_CLOSE))
+            self.write(frame(payload[:2], CLOSE))
 
     def on_messages(self, buf: bytes, end: int) -> None:
         """Called with the buffer whose ``buf[:end]`` holds the frames just completed."""

@@ -27,8 +27,9 @@ import resource
 from pathlib import Path
 from typing import Any
 
-from loadgen import HTTPConnection, check_ack, open_streams, payload_bytes, request
+from loadgen import HOST, check_ack, open_streams, payload_bytes
 from target import Server, running_server
+from tidings.bench.wire import HTTPConnection, request
 from wsbench import Rig
 
 CHANNEL = "bench/idle"
@@ -118,7 +119,7 @@ async def one_transport(args: argparse.Namespace, transport: str) -> dict[str, A
 async def after_one_event(server: Server, streams: list[Any]) -> dict[str, Any]:
     """Publish one event, wait until every subscriber has it, read RSS."""
     want = [s.count + 1 for s in streams]
-    conn = await HTTPConnection.open(server.port)
+    conn = await HTTPConnection.open(HOST, server.port)
     await check_ack(conn.send(request("POST", f"/channels/{CHANNEL}", payload_bytes(256))))
     conn.close()
     loop = asyncio.get_running_loop()

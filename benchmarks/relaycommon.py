@@ -19,9 +19,10 @@ from typing import Any
 
 import orjson
 
-from loadgen import HTTPConnection, check_ack, payload, request
+from loadgen import HOST, check_ack, payload
 from target import Server, Window, paced, percentile
 from tidings.bench.proc import cpu_seconds, find_process
+from tidings.bench.wire import HTTPConnection, request
 
 _TS = re.compile(rb'"t":(\d+)')
 
@@ -105,7 +106,7 @@ async def throughput(
     event = {"channel": relay.channel, "data": payload(args.payload)}
     raw = request("POST", "/publish", orjson.dumps({"events": [event] * batch}))
     receipts.reset(requests * batch)
-    conns = [await HTTPConnection.open(server.port) for _ in range(args.in_flight)]
+    conns = [await HTTPConnection.open(HOST, server.port) for _ in range(args.in_flight)]
     broker = find_process(relay.comm)
     broker0 = broker_cpu(broker)
     last: list[str] = []
@@ -151,7 +152,7 @@ async def throughput(
 async def latency(
     args: argparse.Namespace, server: Server, relay: Relay, receipts: Receipts
 ) -> dict[str, Any]:
-    conn = await HTTPConnection.open(server.port)
+    conn = await HTTPConnection.open(HOST, server.port)
     path = f"/channels/{relay.channel}"
     receipts.reset(1 << 62)
 

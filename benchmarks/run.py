@@ -47,14 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpcbench import GRPC_WORKLOADS
 from grpcbench import add_options as add_grpc_options
 from loadgen import (
-    HTTPConnection,
+    HOST,
     SSEStream,
     TimedSSEStream,
     batch_request,
     check_ack,
     open_streams,
     payload_bytes,
-    request,
 )
 from memorybench import IDLE_WORKLOADS
 from memorybench import add_options as add_idle_options
@@ -70,11 +69,12 @@ from target import (
     lagged_total,
     paced,
     percentile,
-    raise_nofile,
     receipt_summary,
     running_server,
     stream_totals,
 )
+from tidings.bench.proc import raise_nofile
+from tidings.bench.wire import HTTPConnection, request
 from webhookbench import WEBHOOK_WORKLOADS
 from webhookbench import add_options as add_webhook_options
 from webhookbench import headline as webhook_headline
@@ -125,7 +125,7 @@ GOALS: dict[str, list[tuple[str, str, float]]] = {
 async def workload_publish(args: argparse.Namespace) -> dict[str, Any]:
     duration = args.duration or 10.0
     async with running_server(args) as server:
-        conns = [await HTTPConnection.open(server.port) for _ in range(args.publishers)]
+        conns = [await HTTPConnection.open(HOST, server.port) for _ in range(args.publishers)]
         raw = request("POST", "/channels/bench/publish", payload_bytes(args.size))
         latencies: list[int] = []
         state = {"measuring": False, "stop": False, "ok": 0, "errors": 0}
@@ -219,7 +219,7 @@ async def fanout_closed_loop(
             sent += batch
             await check_ack(conn.send(raw))
 
-    conns = [await HTTPConnection.open(server.port) for _ in range(connections)]
+    conns = [await HTTPConnection.open(HOST, server.port) for _ in range(connections)]
     tasks = [asyncio.create_task(publisher(c)) for c in conns]
     await asyncio.sleep(args.warmup)
     m0 = await server.metrics()
@@ -270,7 +270,7 @@ async def fanout_open_loop(
     events_per_s = rate / len(streams)
     interval = batch * connections / events_per_s  # per publisher
     raw = batch_request("bench/fan", args.size, batch)
-    conns = [await HTTPConnection.open(server.port) for _ in range(connections)]
+    conns = [await HTTPConnection.open(HOST, server.port) for _ in range(connections)]
     base = min(s.count for s in streams)
     published = 0
     loop = asyncio.get_running_loop()
@@ -417,7 +417,7 @@ async def workload_latency(args: argparse.Namespace) -> dict[str, Any]:
             lambda: open_streams(server.port, args.subscribers, path, TimedSSEStream, receipts),
             args.subscribers,
         )
-        conn = await HTTPConnection.open(server.port)
+        conn = await HTTPConnection.open(HOST, server.port)
         acks: list[int] = []
 
         async def publish(t0: int) -> None:

@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,29 +25,17 @@ from typing import Any
 
 import orjson
 
-from loadgen import fetch
+from loadgen import HOST
+from tidings.bench.hub import free_port
+from tidings.bench.proc import CLK_TCK, cpu_times, own_cpu_seconds, raise_nofile, rss_kb
+from tidings.bench.wire import fetch
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = Path(__file__).resolve().parent / "harness"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_CORE, CLIENT_CORE = 0, 1
 
 
 # -- the server under test ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 class Server:
@@ -120,7 +106,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(OSError, asyncio.TimeoutError):
-                status, _ = await fetch(self.port, "GET", "/healthz")
+                status, _ = await fetch(HOST, self.port, "GET", "/healthz")
                 if status == 200:
                     return
             await asyncio.sleep(0.05)
@@ -138,9 +124,7 @@ class Server:
 
     def cpu_times(self) -> tuple[float, float]:
         """(user, system) CPU seconds of the whole server process (every thread)."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+        return cpu_times(self.pid)
 
     def cpu_seconds(self) -> float:
         return sum(self.cpu_times())
@@ -159,19 +143,16 @@ class Server:
         return None if info is None else float(sum(info["seconds"]))
 
     def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+        return rss_kb(self.pid)
 
     async def health(self) -> dict[str, Any]:
-        _, body = await fetch(self.port, "GET", "/healthz")
+        _, body = await fetch(HOST, self.port, "GET", "/healthz")
         result: dict[str, Any] = orjson.loads(body)
         return result
 
     async def metrics(self) -> dict[str, float]:
         """The Prometheus text exposition as ``{'name{labels}': value}``."""
-        _, body = await fetch(self.port, "GET", "/metrics")
+        _, body = await fetch(HOST, self.port, "GET", "/metrics")
         out: dict[str, float] = {}
         for line in body.decode().splitlines():
             if line and not line.startswith("#"):
@@ -290,11 +271,6 @@ def core_times() -> dict[int, tuple[float, float]]:
     return out
 
 
-def own_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 class Window:
     """Wall time, server CPU and generator CPU over one measurement window."""
 
@@ -302,7 +278,7 @@ class Window:
         self.server = server
 
     def __enter__(self) -> Window:
-        self.t0, self.own0, self.wall0 = time.perf_counter(), own_cpu(), time.time()
+        self.t0, self.own0, self.wall0 = time.perf_counter(), own_cpu_seconds(), time.time()
         self.cores0 = core_times()
         self.user0, self.sys0 = self.server.cpu_times()
         self.gc0 = self.server.gc_seconds()
@@ -313,7 +289,7 @@ class Window:
         user, system = self.server.cpu_times()
         self.server_sys = system - self.sys0
         self.server_cpu = user - self.user0 + self.server_sys
-        self.own_cpu = own_cpu() - self.own0
+        self.own_cpu = own_cpu_seconds() - self.own0
         cores1 = core_times()
         self.cores = {
             c: (cores1[c][0] - b0, cores1[c][1] - s0) for c, (b0, s0) in self.cores0.items()

@@ -44,21 +44,15 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from loadgen import HTTPConnection, payload, request
-from target import (
-    CLIENT_CORE,
-    CLK_TCK,
-    Server,
-    Window,
-    free_port,
-    percentile,
-    running_server,
-)
+from loadgen import HOST, payload
+from target import CLIENT_CORE, Server, Window, percentile, running_server
+from tidings.bench.hub import free_port
+from tidings.bench.proc import cpu_seconds
+from tidings.bench.wire import HTTPConnection, messages, request
 
 CHANNEL, PATTERN = "bench/hooks", "bench/**"
 HOOK_PATH = "/hook/{}"
@@ -134,17 +128,11 @@ class Hook(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
+        found, rest = messages(buf)
+        self._buf = buf[rest:]
         out = []
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = buf[:end]
-            lower = head.lower()
-            length = int(_header(head, lower, b"content-length") or 0)
-            total = end + 4 + length
-            if len(buf) < total:
-                break
+        for start, end, total in found:
+            head = buf[start:end]
             body = buf[end + 4 : total]
             path = head[head.find(b" ") + 1 : head.find(b" HTTP/")]
             if path.startswith(b"/_"):
@@ -156,10 +144,8 @@ class Hook(asyncio.Protocol):
                     t.open += 1
                     t.most_open = max(t.most_open, t.open)
                 self.served += 1
-                self.delivery(path, _header(head, lower, b"webhook-id"), body, total)
+                self.delivery(path, _header(head, head.lower(), b"webhook-id"), body, total - start)
                 out.append(NO_CONTENT)
-            buf = buf[total:]
-        self._buf = buf
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
 
@@ -234,7 +220,7 @@ class Receiver:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the receiver exited with {self.proc.returncode}")
             with contextlib.suppress(OSError):
-                self.control = await HTTPConnection.open(self.port)
+                self.control = await HTTPConnection.open(HOST, self.port)
                 await self.get("/_stats")
                 return
             await asyncio.sleep(0.05)
@@ -262,9 +248,7 @@ class Receiver:
 
     def cpu_seconds(self) -> float:
         assert self.proc is not None
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return cpu_seconds(self.proc.pid)
 
     async def wait_for(self, expected: int, stall: float = STALL_S) -> dict[str, Any]:
         """Poll until ``expected`` requests arrived, or none for ``stall`` s; the last stats."""
@@ -389,7 +373,7 @@ async def attempts(server: Server) -> dict[str, int]:
 async def throughput_phase(
     args: argparse.Namespace, server: Server, receiver: Receiver, paths: list[str], events: int
 ) -> dict[str, Any]:
-    conn = await HTTPConnection.open(server.port)
+    conn = await HTTPConnection.open(HOST, server.port)
     await receiver.get("/_reset")
     a0 = await attempts(server)
     ids: list[str] = []
@@ -430,7 +414,7 @@ async def throughput_phase(
 async def latency_phase(
     args: argparse.Namespace, server: Server, receiver: Receiver, paths: list[str], rate: float
 ) -> dict[str, Any]:
-    conn = await HTTPConnection.open(server.port)
+    conn = await HTTPConnection.open(HOST, server.port)
     await receiver.get("/_reset")
     ids: list[str] = []
     acks: list[int] = []
@@ -476,7 +460,7 @@ async def scenario(args: argparse.Namespace, endpoints: int, events: int) -> dic
         "TIDINGS_GRPC_ENABLED": "false",
     }
     async with running_receiver() as receiver, running_server(args, env) as server:
-        conn = await HTTPConnection.open(server.port)
+        conn = await HTTPConnection.open(HOST, server.port)
         paths = await register(conn, receiver, endpoints, args.concurrency)
         conn.close()
         # A warm-up event: every endpoint has opened a connection before the clock starts.

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from loadgen import (
-    HTTPConnection,
+    HOST,
     TimedWSStream,
     WSPublisher,
     WSStream,
@@ -40,8 +40,6 @@ from loadgen import (
     open_ws,
     payload,
     payload_bytes,
-    request,
-    ws_frame,
 )
 from target import (
     BaselineServer,
@@ -56,6 +54,8 @@ from target import (
     running_server,
     stream_totals,
 )
+from tidings.bench.wire import HTTPConnection, request
+from tidings.bench.ws import frame as ws_frame
 
 HERE = Path(__file__).resolve().parent
 NODE_DIR = HERE / "node"
@@ -189,7 +189,9 @@ class Rig:
         feeds: list[Feed] = []
         for _ in range(n):
             if self.name == "tidings" and self.args.ws_publish == "http":
-                feeds.append(HTTPFeed(await HTTPConnection.open(port), channel, self.args.size))
+                feeds.append(
+                    HTTPFeed(await HTTPConnection.open(HOST, port), channel, self.args.size)
+                )
                 continue
             path, acks = (b"/ws", b'"op":"published"') if self.name == "tidings" else (b"/pub", b"")
             conn = (await open_ws(port, 1, lambda p=path, a=acks: WSPublisher(p, a)))[0]
