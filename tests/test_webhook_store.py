@@ -1,26 +1,58 @@
-"""The webhook store: endpoints, retries, failed marks and the attempt log, on SQLite."""
+"""The webhook store: endpoints, retries, failed marks and the attempt log, on SQLite (a file,
+and in memory) and on Redis (the same tests, then what only a shared store does)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
 
+from brokers import TCPProxy, require_service, until
+from tidings.exceptions import ConfigError, Unavailable
 from tidings.webhooks.delivery import Attempt, Endpoint, Retry, Secret
 from tidings.webhooks.policy import Health, HealthState, judge
-from tidings.webhooks.store import Failed, WebhookStore
+from tidings.webhooks.redis_store import RedisWebhookStore
+from tidings.webhooks.store import Failed, Store, WebhookStore
+
+REDIS = ("127.0.0.1", 6379)
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-@pytest.fixture(params=["file", "memory"])
-async def store(request: Any, tmp_path: Any) -> AsyncIterator[WebhookStore]:
-    path = os.path.join(str(tmp_path), "t.db") if request.param == "file" else ":memory:"
-    opened = WebhookStore(path)
-    await opened.open()
-    yield opened
-    await opened.close()
+@contextlib.asynccontextmanager
+async def scratch_prefix() -> AsyncIterator[str]:
+    """A key prefix no other test uses; its keys are deleted afterwards."""
+    require_service(*REDIS, "Redis")
+    prefix = f"tidings-test-{uuid.uuid4().hex}"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
+
+
+@pytest.fixture(params=["file", "memory", "redis"])
+async def store(request: Any, tmp_path: Any) -> AsyncIterator[Store]:
+    async with contextlib.AsyncExitStack() as stack:
+        opened: Store
+        if request.param == "redis":
+            opened = RedisWebhookStore(REDIS_URL, await stack.enter_async_context(scratch_prefix()))
+        else:
+            path = os.path.join(str(tmp_path), "t.db") if request.param == "file" else ":memory:"
+            opened = WebhookStore(path)
+        await opened.open()
+        yield opened
+        await opened.close()
 
 
 def endpoint(id: str = "ep_1", **kwargs: Any) -> Endpoint:
@@ -33,13 +65,15 @@ def endpoint(id: str = "ep_1", **kwargs: Any) -> Endpoint:
     )
 
 
-def attempt(seq: int, number: int = 0, status: int | None = 200, when: float = 10.0) -> Attempt:
+def attempt(
+    seq: int, number: int = 0, status: int | None = 200, when: float = 10.0, on: str = "ep_1"
+) -> Attempt:
     outcome = judge(status, None if status else "timeout")
-    return Attempt("ep_1", f"e:{seq}", seq, number, when, 0.25, status,
+    return Attempt(on, f"e:{seq}", seq, number, when, 0.25, status,
                    None if status else "timeout", b"ok", outcome)  # fmt: skip
 
 
-async def test_an_endpoint_comes_back_as_it_was_stored(store: WebhookStore) -> None:
+async def test_an_endpoint_comes_back_as_it_was_stored(store: Store) -> None:
     stored = endpoint(
         types=("paid",),
         headers=(("x-team", "billing"),),
@@ -60,7 +94,7 @@ async def test_an_endpoint_comes_back_as_it_was_stored(store: WebhookStore) -> N
     assert first.description == "edited"
 
 
-async def test_retries_and_failed_marks(store: WebhookStore) -> None:
+async def test_retries_and_failed_marks(store: Store) -> None:
     await store.set_retry("ep_1", Retry(5, 1, 100.0))
     await store.set_retry("ep_1", Retry(3, 2, 50.0))
     await store.set_retry("ep_1", Retry(5, 2, 200.0))  # the next attempt replaces the row
@@ -76,7 +110,7 @@ async def test_retries_and_failed_marks(store: WebhookStore) -> None:
     assert await store.failed("ep_1", 0, 10, 10) == []
 
 
-async def test_the_attempt_log_pages_newest_first_and_trims_by_age(store: WebhookStore) -> None:
+async def test_the_attempt_log_pages_newest_first_and_trims_by_age(store: Store) -> None:
     for seq in range(1, 6):
         await store.record(attempt(seq, when=float(seq)))
     await store.record(attempt(2, number=1, status=None, when=6.0))
@@ -90,7 +124,7 @@ async def test_the_attempt_log_pages_newest_first_and_trims_by_age(store: Webhoo
     assert [a.seq for a in await store.attempts("ep_1", None, None, 10)] == [2, 5, 4, 3]
 
 
-async def test_recording_waits_for_the_flush_when_far_behind(store: WebhookStore) -> None:
+async def test_recording_waits_for_the_flush_when_far_behind(store: Store) -> None:
     stopping = asyncio.Event()
     flusher = asyncio.create_task(store.run(stopping))
     await asyncio.gather(*(store.record(attempt(i)) for i in range(1, 5001)))
@@ -99,7 +133,7 @@ async def test_recording_waits_for_the_flush_when_far_behind(store: WebhookStore
     assert len(await store.attempts("ep_1", None, None, 1000)) == 1000
 
 
-async def test_delete_removes_everything_kept_about_an_endpoint(store: WebhookStore) -> None:
+async def test_delete_removes_everything_kept_about_an_endpoint(store: Store) -> None:
     await store.put(endpoint())
     await store.set_retry("ep_1", Retry(1, 1, 1.0))
     await store.settle("ep_1", 2, Failed(2, 1.0, "x"))
@@ -111,6 +145,58 @@ async def test_delete_removes_everything_kept_about_an_endpoint(store: WebhookSt
     assert await store.attempts("ep_1", None, None, 10) == []
 
 
+async def test_one_events_attempts_page_below_an_id_and_other_endpoints_stay_apart(
+    store: Store,
+) -> None:
+    for number in range(4):
+        await store.record(attempt(7, number=number, status=500))
+        await store.record(attempt(8, number=number))
+        await store.record(attempt(7, number=number, on="ep_2"))
+    page = await store.attempts("ep_1", 7, None, 2)
+    assert [a.number for a in page] == [3, 2]
+    rest = await store.attempts("ep_1", 7, page[-1].id, 10)
+    assert [a.number for a in rest] == [1, 0]
+    assert all(a.seq == 7 and a.status == 500 and a.outcome == "retry" for a in page + rest)
+    assert await store.attempts("ep_1", 7, rest[-1].id, 10) == []
+    assert await store.attempts("ep_1", 9, None, 10) == []
+    everything = await store.attempts("ep_1", None, None, 100)
+    assert len(everything) == 8
+    assert [a.id for a in everything] == sorted((a.id for a in everything), reverse=True)
+    assert len(await store.attempts("ep_2", None, None, 100)) == 4
+    assert await store.attempts("ep_1", None, None, 0) == []
+
+
+async def test_a_stored_attempt_keeps_every_field(store: Store) -> None:
+    sent = Attempt("ep_1", "e:3", 3, 2, 1234.5, 0.125, None, "connection refused",
+                   b"\x00\n{binary}\xff" * 3, judge(None, "connection refused"),
+                   "replay")  # fmt: skip
+    await store.record(sent)
+    [got] = await store.attempts("ep_1", None, None, 10)
+    assert (got.seq, got.number, got.time, got.duration, got.status, got.error, got.response,
+            got.outcome, got.reason, got.trigger) == (
+        3, 2, 1234.5, 0.125, None, "connection refused", sent.response,
+        sent.outcome.verdict.value, sent.outcome.reason, "replay")  # fmt: skip
+
+
+async def test_failed_marks_page_oldest_first_and_trim_drops_those_retention_removed(
+    store: Store,
+) -> None:
+    for seq in (2, 4, 6, 8):
+        await store.settle("ep_1", seq, Failed(seq, float(seq), f"{seq}xx"))
+        await store.settle("ep_2", seq, Failed(seq, float(seq), "x"))
+    await store.settle("ep_1", 4, Failed(4, 40.0, "again"))  # a later failure replaces the mark
+    assert await store.failed("ep_1", 0, 100, 2) == [
+        Failed(2, 2.0, "2xx"),
+        Failed(4, 40.0, "again"),
+    ]
+    assert [f.seq for f in await store.failed("ep_1", 2, 6, 10)] == [4, 6]  # (after, until]
+    assert await store.trim(before=0.0, low=4) == 0
+    assert [f.seq for f in await store.failed("ep_1", 0, 100, 10)] == [6, 8]
+    assert [f.seq for f in await store.failed("ep_2", 0, 100, 10)] == [6, 8]
+
+
+# SQLite only: the file reopened. The Redis counterpart is
+# test_a_second_node_sees_what_the_first_stored.
 async def test_the_file_keeps_it_all_across_a_reopen(tmp_path: Any) -> None:
     path = os.path.join(str(tmp_path), "t.db")
     first = WebhookStore(path)
@@ -127,3 +213,143 @@ async def test_the_file_keeps_it_all_across_a_reopen(tmp_path: Any) -> None:
         assert [a.seq for a in await second.attempts("ep_1", None, None, 10)] == [4]
     finally:
         await second.close()
+
+
+# -- Redis only: a store several nodes share --------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def redis_store(prefix: str, url: str = REDIS_URL) -> AsyncIterator[RedisWebhookStore]:
+    opened = RedisWebhookStore(url, prefix)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def keys_of(prefix: str) -> list[str]:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        return sorted([key async for key in client.scan_iter(match=f"{prefix}:*")])
+    finally:
+        await client.aclose()
+
+
+async def test_a_second_node_sees_what_the_first_stored() -> None:
+    async with (
+        scratch_prefix() as prefix,
+        redis_store(prefix) as first,
+        redis_store(prefix) as second,
+    ):
+        await first.put(endpoint())
+        await first.set_retry("ep_1", Retry(4, 3, 9.0))
+        await first.settle("ep_1", 5, Failed(5, 1.0, "503"))
+        for seq in (1, 2):
+            await first.record(attempt(seq))
+            await second.record(attempt(seq, number=1))
+            await first.flush()
+            await second.flush()
+        assert await second.endpoints() == [endpoint()]
+        assert await second.retries("ep_1") == [Retry(4, 3, 9.0)]
+        assert await second.failed("ep_1", 0, 10, 10) == [Failed(5, 1.0, "503")]
+        seen = [(a.seq, a.number) for a in await first.attempts("ep_1", None, None, 10)]
+        assert seen == [(2, 1), (2, 0), (1, 1), (1, 0)]  # ids follow the order of the flushes
+        await second.delete("ep_1")
+        assert await first.endpoints() == []
+        assert await first.attempts("ep_1", None, None, 10) == []
+
+
+async def test_keys_stay_under_the_prefix_and_delete_leaves_none_of_the_endpoint() -> None:
+    async with scratch_prefix() as prefix, redis_store(prefix) as store:
+        for id in ("ep_1", "ep_1:retries"):  # an id that looks like a key suffix
+            await store.put(endpoint(id))
+            await store.set_retry(id, Retry(1, 1, 1.0))
+            await store.settle(id, 2, Failed(2, 1.0, "x"))
+            await store.record(attempt(1, on=id))
+        await store.flush()
+        assert all(key.startswith(f"{prefix}:wh:") for key in await keys_of(prefix))
+        await store.delete("ep_1:retries")
+        assert await store.retries("ep_1") == [Retry(1, 1, 1.0)]
+        assert [e.id for e in await store.endpoints()] == ["ep_1"]
+        await store.delete("ep_1")
+        assert await keys_of(prefix) == [f"{prefix}:wh:attempt-id"]
+
+
+async def test_trim_removes_attempts_in_batches_across_endpoints() -> None:
+    async with scratch_prefix() as prefix, redis_store(prefix) as store:
+        for seq in range(2500):
+            await store.record(attempt(seq, when=float(seq), on=f"ep_{seq % 2}"))
+            if seq % 1000 == 999:
+                await store.flush()  # no run(): record would wait at FLUSH_ROWS
+        await store.flush()
+        assert await store.trim(before=2200.0) == 2200
+        assert len(await store.attempts("ep_0", None, None, -1)) == 150
+        assert await store.trim(before=1e12) == 300
+        assert await keys_of(prefix) == [f"{prefix}:wh:attempt-id"]
+
+
+async def test_an_unreachable_redis_fails_open_with_one_line_naming_it() -> None:
+    dead = "redis://:s3cret@127.0.0.1:1/0"
+    with pytest.raises(ConfigError) as raised:
+        await RedisWebhookStore(dead).open()
+    message = raised.value.detail
+    assert "Redis" in message and "redis://:***@127.0.0.1:1/0" in message, message
+    assert "s3cret" not in message and "\n" not in message
+    with pytest.raises(ConfigError, match="not a Redis URL"):
+        await RedisWebhookStore("http://127.0.0.1:6379").open()
+
+
+async def test_a_lost_connection_is_unavailable_and_the_flush_catches_up_after_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = TCPProxy(*REDIS).start()
+    url = f"redis://{proxy.address}/0"
+    try:
+        async with (
+            scratch_prefix() as prefix,
+            redis_store(prefix, url) as store,
+            redis_store(prefix) as reader,
+        ):
+            stopping = asyncio.Event()
+            flusher = asyncio.create_task(store.run(stopping))
+            await store.put(endpoint())
+            proxy.cut()
+            for write in (store.put(endpoint()), store.set_retry("ep_1", Retry(1, 1, 1.0)),
+                          store.settle("ep_1", 1, None), store.endpoints()):  # fmt: skip
+                with pytest.raises(Unavailable, match=f"cannot reach Redis at {url}"):
+                    await write
+            for seq in (1, 2, 3):
+                await store.record(attempt(seq))
+            await until(lambda: _true("attempts wait to be written" in caplog.text), "a warning")
+            proxy.heal()
+
+            async def written() -> int:
+                return len(await reader.attempts("ep_1", None, None, 10))
+
+            assert await until(written, "the buffered attempts written") == 3
+            stopping.set()
+            await flusher
+            assert [a.seq for a in await store.attempts("ep_1", None, None, 10)] == [3, 2, 1]
+    finally:
+        proxy.stop()
+
+
+async def test_closing_while_redis_is_unreachable_logs_the_lost_attempts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = TCPProxy(*REDIS).start()
+    try:
+        async with scratch_prefix() as prefix:
+            store = RedisWebhookStore(f"redis://{proxy.address}/0", prefix)
+            await store.open()
+            await store.record(attempt(1))
+            proxy.cut()
+            await store.close()  # shutting down does not wait for Redis
+            assert "1 attempts not written" in caplog.text
+    finally:
+        proxy.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value

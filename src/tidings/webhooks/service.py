@@ -38,7 +38,7 @@ from .delivery import Attempt, Endpoint, EndpointWorker, HttpSender, Retry, Secr
 from .policy import Health, HealthState, Schedule
 from .signing import generate_secret
 from .ssrf import AddressPolicy, safe_session
-from .store import Failed, StoredAttempt, WebhookStore
+from .store import Failed, Store, StoredAttempt
 
 logger = logging.getLogger("tidings.webhooks")
 
@@ -101,7 +101,7 @@ class Webhooks:
         self,
         hub: Hub,
         settings: WebhookSettings,
-        store: WebhookStore,
+        store: Store,
         *,
         sender: Sender | None = None,
         clock: Callable[[], float] = time.time,

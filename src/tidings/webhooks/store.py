@@ -1,4 +1,5 @@
-"""Where webhook endpoints and their delivery state live: one SQLite database.
+"""Where webhook endpoints and their delivery state live: the ``Store`` interface, and its
+SQLite implementation (``redis_store`` holds the one several nodes share).
 
 Rules:
 - Endpoints (their secrets included), stored retries, failed marks and the attempt log live in
@@ -18,7 +19,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -81,6 +82,60 @@ class Failed:
     seq: int
     time: float
     reason: str
+
+
+class Store(Protocol):
+    """What the webhook service needs from a store, and what each implementation promises."""
+
+    async def open(self) -> None:
+        """Ready to use; ``ConfigError`` when the store cannot be opened or reached."""
+
+    async def close(self) -> None:
+        """Flush the attempt log, then release the store."""
+
+    async def endpoints(self) -> list[Endpoint]:
+        """Every stored endpoint, by id."""
+
+    async def put(self, endpoint: Endpoint) -> None:
+        """Store ``endpoint``, replacing the one with its id."""
+
+    async def delete(self, id: str) -> None:
+        """The endpoint and everything kept about it (retries, failed marks, attempts), at
+        once."""
+
+    async def retries(self, endpoint: str) -> list[Retry]:
+        """The stored retries of ``endpoint``, by ``seq``."""
+
+    async def set_retry(self, endpoint: str, retry: Retry) -> None:
+        """Store ``retry``, replacing the one of its ``seq``; durable when this returns."""
+
+    async def settle(self, endpoint: str, seq: int, failed: Failed | None) -> None:
+        """Drop ``seq``'s stored retry; mark it failed (``failed``) or no longer failed, at
+        once; durable when this returns."""
+
+    async def failed(self, endpoint: str, after: int, until: int, limit: int) -> list[Failed]:
+        """Failed marks of ``endpoint`` with ``after < seq <= until``, oldest first, at most
+        ``limit`` (a negative ``limit``: all)."""
+
+    async def record(self, attempt: Attempt) -> None:
+        """Buffer ``attempt`` for the next flush; waits when the flush has fallen behind."""
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Flush buffered attempts as they come, until ``stopping``."""
+
+    async def flush(self) -> None:
+        """Write the buffered attempts now."""
+
+    async def attempts(
+        self, endpoint: str, seq: int | None, before: int | None, limit: int
+    ) -> list[StoredAttempt]:
+        """Attempts of ``endpoint`` (of event ``seq`` only, when given), newest first (by id,
+        which grows in the order attempts were recorded), with ids below ``before``, at most
+        ``limit``; the buffered ones included."""
+
+    async def trim(self, before: float, low: int = 0) -> int:
+        """Remove attempts older than ``before`` (unix seconds), and failed marks of events
+        retention removed (``seq <= low``); returns the attempts removed."""
 
 
 def encode(endpoint: Endpoint) -> bytes:
