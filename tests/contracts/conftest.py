@@ -7,17 +7,21 @@ never skipped, so a missing or broken backend cannot pass unnoticed.
 from __future__ import annotations
 
 import importlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from brokers import require_service
 from tidings.log import Log
 from tidings.log.memory import MemoryLog
 
-# "sqlite-nocache" keeps no recent events in memory, so every read goes through SQL.
-LOG_KINDS = ["memory", "sqlite", "sqlite-nocache"]
+# "sqlite-nocache" keeps no recent events in memory, so every read goes through SQL; the same
+# for "redis-nocache", whose reads all go to Redis.
+LOG_KINDS = ["memory", "sqlite", "sqlite-nocache", "redis", "redis-nocache"]
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def load_sqlite_log() -> Any:
@@ -40,12 +44,24 @@ class Logs:
         self.directory = directory
         self.durable = kind.startswith("sqlite")
         self._open: list[Log] = []
+        self._prefixes: set[str] = set()
+        self._run = uuid.uuid4().hex[:8]
+        if kind.startswith("redis"):
+            require_service("127.0.0.1", 6379, "Redis")
 
     async def open(self, name: str = "log.db", **options: Any) -> Log:
         """A new opened log; for SQLite ``name`` is its file in the test's directory."""
         log: Log
         if self.kind == "memory":
             log = MemoryLog(**options)
+        elif self.kind.startswith("redis"):
+            from tidings.log.redis import RedisLog
+
+            if self.kind == "redis-nocache":
+                options.setdefault("cache_events", 0)
+            prefix = f"test-{self._run}-{name}"
+            self._prefixes.add(prefix)
+            log = RedisLog(REDIS_URL, prefix=prefix, **options)
         else:
             sqlite_log = load_sqlite_log()
             if self.kind == "sqlite-nocache":
@@ -62,6 +78,15 @@ class Logs:
     async def close_all(self) -> None:
         while self._open:
             await self.close(self._open[-1])
+        if self._prefixes:
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(REDIS_URL)
+            for prefix in self._prefixes:
+                keys = [key async for key in client.scan_iter(f"{prefix}:*")]
+                if keys:
+                    await client.delete(*keys)
+            await client.aclose()
 
 
 @pytest.fixture(params=LOG_KINDS)

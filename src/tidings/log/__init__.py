@@ -65,6 +65,10 @@ class Log(Protocol):
 
     def listen(self, listener: CommitListener) -> None: ...
 
+    def on_discontinuity(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(why)`` if live delivery to listeners ever skips events (a shared log
+        whose stream was lost, or trimmed past this node); a local log never does."""
+
     async def append(self, drafts: Sequence[Draft]) -> list[Appended]: ...
 
     async def read(
@@ -90,4 +94,6 @@ class Log(Protocol):
 BACKENDS = {
     "memory": "tidings.log.memory:MemoryLog",
     "sqlite": "tidings.log.sqlite:SQLiteLog",
+    "redis": "tidings.log.redis:RedisLog",
+    "nats": "tidings.log.nats:NatsLog",
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ..events import Draft, Event, Pattern
 from . import Appended, CommitListener, LogStats, notify
@@ -122,6 +122,9 @@ class MemoryLog:
 
     def listen(self, listener: CommitListener) -> None:
         self._listeners.append(listener)
+
+    def on_discontinuity(self, listener: Callable[[str], None]) -> None:
+        pass  # one process's log: its listeners see every event
 
     async def append(self, drafts: Sequence[Draft]) -> list[Appended]:
         out: list[Appended] = []

@@ -177,6 +177,9 @@ class SQLiteLog:
     def listen(self, listener: CommitListener) -> None:
         self._listeners.append(listener)
 
+    def on_discontinuity(self, listener: Callable[[str], None]) -> None:
+        pass  # one process's log: its listeners see every event
+
     # -- appends (group commit) ----------------------------------------------------------------
 
     async def append(self, drafts: Sequence[Draft]) -> list[Appended]:
