@@ -34,7 +34,10 @@ def _banner(node: object) -> None:
     assert isinstance(node, Tidings)
     url = node.url
     s = node.settings
-    where = f"sqlite {s.log.path}" if s.log.backend == "sqlite" else "memory, lost on restart"
+    where = {
+        "sqlite": f"sqlite {s.log.path}",
+        "memory": "memory, lost on restart",
+    }.get(s.log.backend, f"{s.log.backend} {_without_password(s.log.url)}, shared by the cluster")
     if node.context.auth.enabled:
         auth = f"JWT ({', '.join(s.auth.jwt_algorithms)}); send Authorization: Bearer <token>"
     else:
@@ -90,15 +93,31 @@ def _gc_freeze_then(on_ready: Callable[[Any], None]) -> Callable[[Any], None]:
     return ready
 
 
+def _log_option(value: str | None) -> tuple[str | None, str | None]:
+    """``--log``/``--cluster``: a backend name, or an engine URL naming its backend."""
+    if value is None or "://" not in value:
+        return value, None
+    scheme = value.split("://", 1)[0]
+    for backend, schemes in config.CLUSTER_SCHEMES.items():
+        if f"{scheme}://" in schemes:
+            return backend, value
+    raise ConfigError(
+        f"--log/--cluster {value.split('@')[-1][:60]!r}: use sqlite, memory, a redis:// URL or "
+        "a nats:// URL"
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import Tidings
 
     settings = config.load(args.config, os.environ)
+    backend, url = _log_option(args.cluster or args.log)
     overrides = {
         ("server", "host"): args.host,
         ("server", "port"): args.port,
         ("grpc", "port"): args.grpc_port,
-        ("log", "backend"): args.log,
+        ("log", "backend"): backend,
+        ("log", "url"): url,
         ("log", "path"): args.db,
         ("log", "durability"): args.durability,
         ("auth", "allow_anonymous"): args.allow_anonymous or None,
@@ -263,8 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpc-port", type=int, help="gRPC port (grpc.port, default 50051; 0 = any free)"
     )
     serve.add_argument(
-        "--log", choices=["sqlite", "memory"], help="history backend (log.backend, default sqlite)"
-    )
+        "--log", metavar="BACKEND|URL",
+        help="history backend (log.backend, default sqlite): sqlite, memory, or an engine URL "
+        "shared by several nodes, redis://HOST:6379 or nats://HOST:4222 (log.url)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--cluster", metavar="URL",
+        help="run as one node of a cluster on Redis or NATS JetStream: the same as --log URL "
+        "(docs/cluster.md)",
+    )  # fmt: skip
     serve.add_argument("--db", help="SQLite file (log.path, default tidings.db)")
     serve.add_argument(
         "--durability", choices=["normal", "full"], help="SQLite sync level (log.durability)"

@@ -52,8 +52,13 @@ class ServerSettings:
 
 @dataclass
 class LogSettings:
-    backend: Literal["sqlite", "memory"] = "sqlite"
+    # sqlite and memory: one node. redis and nats: many nodes sharing the engine at ``url``.
+    backend: Literal["sqlite", "memory", "redis", "nats"] = "sqlite"
     path: str = "tidings.db"
+    url: str = ""  # the engine, for backend redis (redis://…) or nats (nats://…)
+    prefix: str = "tidings"  # names of the deployment's keys / stream / buckets on the engine
+    replicas: int = 0  # redis: WAIT for this many replicas; nats: the stream's replicas (0: 1)
+    lease_ttl: Duration = Duration(10.0)  # a dead node's durable consumers move within this
     durability: Literal["normal", "full"] = "normal"
     max_events: int = 1_000_000
     max_age: Duration = Duration(3 * 86400)
@@ -223,6 +228,7 @@ class Settings:
 
 _POSITIVE = {"queue_size", "max_events", "max_batch", "default_limit", "max_limit",
              "max_event_bytes", "max_request_bytes", "heartbeat", "write_timeout", "trim_interval",
+             "lease_ttl",
              "max_age", "idempotency_window", "max_channels", "header_timeout",
              "idle_timeout", "ping_interval", "ping_timeout", "auth_timeout", "max_message",
              "max_subscriptions", "keepalive_interval", "keepalive_timeout", "timeout",
@@ -231,7 +237,7 @@ _POSITIVE = {"queue_size", "max_events", "max_batch", "default_limit", "max_limi
 _NON_NEGATIVE = {"publish_rate", "publish_burst", "subscribe_rate", "subscribe_burst",
                  "credential_publish_rate", "credential_publish_burst",
                  "credential_subscribe_rate", "credential_subscribe_burst",
-                 "max_streams_per_address", "max_streams"}  # fmt: skip
+                 "max_streams_per_address", "max_streams", "replicas"}  # fmt: skip
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
@@ -371,7 +377,20 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> S
     return settings
 
 
+CLUSTER_SCHEMES = {"redis": ("redis://", "rediss://", "unix://"), "nats": ("nats://", "tls://")}
+
+
 def _check(settings: Settings) -> None:
+    log = settings.log
+    if log.backend in CLUSTER_SCHEMES:
+        schemes = CLUSTER_SCHEMES[log.backend]
+        if not log.url.startswith(schemes):
+            raise ConfigError(
+                f"log.backend = {log.backend!r} needs log.url starting with "
+                f"{' or '.join(schemes)}, not {log.url[:40]!r}"
+            )
+    elif log.url:
+        raise ConfigError(f"log.url is for backend redis or nats; log.backend is {log.backend!r}")
     for name in ("mqtt.qos", "mqtt.inbound_qos"):
         if getattr(settings.mqtt, name.split(".")[1]) not in (0, 1):
             raise ConfigError(f"{name} must be 0 or 1 (QoS 2 is not supported)")

@@ -255,6 +255,7 @@ class Hub:
         self._subscriptions: set[Subscription] = set()
         self._running = False
         log.listen(broker.publish)
+        log.on_discontinuity(self.discontinuity)
         broker.attach(self.deliver)
 
     @property
@@ -305,6 +306,13 @@ class Hub:
                     lagged.append(sub)
         for sub in lagged:
             self.lag(sub, f"subscriber queue overflowed ({sub.maxsize} events)")
+
+    def discontinuity(self, why: str) -> None:
+        """Live delivery skipped events (a shared log lost its stream, or trimmed past this
+        node): end every live subscription as lagged, so each client resumes from its cursor
+        and is told plainly whether its history still exists."""
+        for sub in list(self._subscriptions):
+            self.lag(sub, f"live delivery lost continuity: {why}")
 
     def lag(self, sub: Subscription, why: str) -> None:
         """End ``sub`` as lagged: it fell behind; its client resumes from its cursor."""

@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -37,6 +37,7 @@ from .auth import Authenticator, JWKSCache, JWTSettings, KeyStore
 from .config import AuthSettings, Settings
 from .exceptions import ConfigError
 from .hub import Hub
+from .leases import Leases, leases_for
 from .limits import Limits
 from .loading import load
 from .log import Log
@@ -47,7 +48,7 @@ from .relays import Relay
 from .transports import Context, admin, http, origins, polling, sse, webhooks, websocket
 from .transports.grpc import GrpcServer
 from .webhooks.service import Webhooks
-from .webhooks.store import WebhookStore
+from .webhooks.store import Store, WebhookStore
 
 logger = logging.getLogger("tidings")
 
@@ -62,8 +63,22 @@ def make_log(settings: Settings) -> Log:
     }
     if cfg.backend == "sqlite":
         common.update(path=cfg.path, durability=cfg.durability)
+    elif cfg.backend in ("redis", "nats"):
+        common.update(url=cfg.url, prefix=cfg.prefix, replicas=cfg.replicas)
     log: Log = factory(**common)
     return log
+
+
+def clustered(settings: Settings) -> bool:
+    """Whether this node shares its log with others (and so runs durable consumers once)."""
+    return settings.log.backend in ("redis", "nats")
+
+
+def make_leases(settings: Settings) -> Leases | None:
+    """The leases that run each durable consumer on one node of a cluster; None on one node."""
+    if not clustered(settings):
+        return None
+    return leases_for(settings.log.url, settings.log.prefix, settings.log.lease_ttl)
 
 
 def make_hub(settings: Settings) -> Hub:
@@ -124,7 +139,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build_app(hub: Hub, settings: Settings, auth: Authenticator | None = None) -> Starlette:
+def build_app(
+    hub: Hub,
+    settings: Settings,
+    auth: Authenticator | None = None,
+    leases: Leases | None = None,
+) -> Starlette:
     async def openapi(request: Request) -> Response:
         return http.json_response(openapi_document())
 
@@ -161,7 +181,7 @@ def build_app(hub: Hub, settings: Settings, auth: Authenticator | None = None) -
         sse.Streams(settings.sse, hub.metrics, settings.limits.header_timeout),
         auth,
         Limits(settings.limits),
-        make_webhooks(hub, settings),
+        make_webhooks(hub, settings, leases),
         make_relays(hub, settings),
     )
     return app
@@ -179,12 +199,28 @@ def make_relays(hub: Hub, settings: Settings) -> tuple[Relay, ...]:
     return tuple(made)
 
 
-def make_webhooks(hub: Hub, settings: Settings) -> Webhooks | None:
-    """The webhook service, its tables beside the events (in memory with a memory log)."""
+def make_webhooks(hub: Hub, settings: Settings, leases: Leases | None = None) -> Webhooks | None:
+    """The webhook service, its tables beside the events: in the SQLite file, in memory with a
+    memory log, in Redis with a Redis log."""
     if not settings.webhooks.enabled:
         return None
-    path = settings.log.path if settings.log.backend == "sqlite" else ":memory:"
-    return Webhooks(hub, settings.webhooks, WebhookStore(path))
+    cfg = settings.log
+    store: Store
+    if cfg.backend == "redis":
+        from .webhooks.redis_store import RedisWebhookStore  # the redis extra
+
+        store = RedisWebhookStore(cfg.url, cfg.prefix)
+    elif cfg.backend == "nats":
+        # Not written yet: a store on NATS KV. A node-local store would split the endpoints
+        # between nodes, so webhooks stay off rather than half work (docs/cluster.md).
+        logger.warning(
+            "webhooks are off: on a NATS cluster they need a shared store, which is not "
+            "written yet (use a Redis cluster for webhooks, or set webhooks.enabled = false)"
+        )
+        return None
+    else:
+        store = WebhookStore(cfg.path if cfg.backend == "sqlite" else ":memory:")
+    return Webhooks(hub, settings.webhooks, store, leases=leases)
 
 
 def direct_routes(app: ASGIApp, ctx: Context) -> ASGIApp:
@@ -354,7 +390,8 @@ class Tidings:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.hub = make_hub(settings)
-        self.app = build_app(self.hub, settings)
+        self.leases = make_leases(settings)
+        self.app = build_app(self.hub, settings, leases=self.leases)
         policy = origins.check(settings.http.origins)
         self.context: Context = self.app.state.tidings
         self.asgi = direct_routes(origins.guard(self.app, policy), self.context)
@@ -409,6 +446,8 @@ class Tidings:
         signals = threading.current_thread() is threading.main_thread()
         await self.hub.start()
         try:
+            if self.leases is not None:
+                await self.leases.open()
             try:
                 self.socket = bind(server_cfg.host, server_cfg.port)
             except OSError as exc:  # address in use, unknown host, …: the operator's to fix
@@ -424,7 +463,7 @@ class Tidings:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, self.request_shutdown)
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._trim_loop())
+                tasks.create_task(self._once("trim", self._trim_loop))
                 grace = self.settings.server.shutdown_grace
                 tasks.create_task(self.context.streams.run(self._stopping, grace))
                 tasks.create_task(self.websockets.run(self._stopping, grace))
@@ -436,7 +475,7 @@ class Tidings:
                     # the service fails, the TaskGroup cancels this wait and raises its error).
                     await self.context.webhooks.ready.wait()
                 for relay in self.context.relays:
-                    tasks.create_task(relay.run(self._stopping))
+                    tasks.create_task(self._once(f"relay.{relay.name}", relay.run))
                 if auth.api_keys is not None:
                     tasks.create_task(auth.api_keys.watch(self._stopping))
                 if auth.jwks is not None:
@@ -453,6 +492,8 @@ class Tidings:
                     loop.remove_signal_handler(sig)
             if self.grpc is not None:
                 await self.grpc.stop(self.settings.server.shutdown_grace)
+            if self.leases is not None:
+                await self.leases.close()
             await self.hub.stop()
             if self.socket is not None:
                 self.socket.close()
@@ -489,8 +530,16 @@ class Tidings:
             logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         return config
 
-    async def _trim_loop(self) -> None:
-        async for _ in every(self.settings.log.trim_interval, self._stopping):
+    async def _once(self, name: str, work: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        """Run ``work(stopping)`` here on one node; in a cluster, on whichever node holds the
+        lease ``name`` (another takes over within log.lease_ttl when that node dies)."""
+        if self.leases is None:
+            await work(self._stopping)
+        else:
+            await self.leases.run(name, lambda: work(self._stopping), self._stopping)
+
+    async def _trim_loop(self, stopping: asyncio.Event) -> None:
+        async for _ in every(self.settings.log.trim_interval, stopping):
             try:
                 removed = await self.hub.log.trim()
             except Exception:  # a failed trim is retried next interval; the hub keeps serving

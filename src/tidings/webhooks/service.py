@@ -12,6 +12,11 @@ Rules:
   ``webhook.endpoint_recovered``, ``webhook.attempt_exhausted`` and ``webhook.events_lost``.
   An event that failed on a system channel raises no ``attempt_exhausted`` of its own, so an
   endpoint that watches its own channel cannot feed itself.
+- In a cluster (``leases`` given) every node serves the admin API from the shared store, and
+  only the node holding the ``webhooks`` lease runs workers; another takes over, from the stored
+  cursors and retries, when it dies. A node that changes an endpoint publishes
+  ``webhook.endpoint_changed`` on the endpoint's channel; every node reloads that endpoint from
+  the store when it sees that event (or a health event), so edits reach the delivering node.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ..config import WebhookSettings, schedule_seconds
 from ..events import SYSTEM, Cursor, Event, format_time, is_system, make_draft
 from ..exceptions import BadRequest, Conflict, InvalidCursor, NotFound, Unavailable
 from ..hub import Hub
+from ..leases import Leases
 from ..log import Log
 from ..metrics import Metrics
 from ..periodic import every
@@ -45,10 +51,26 @@ logger = logging.getLogger("tidings.webhooks")
 RESTART_PAUSE = 5.0  # seconds before a worker that failed unexpectedly starts again
 TRIM_INTERVAL = 600.0  # how often the attempt log is trimmed
 REPLAYS_KEPT = 20  # finished replays shown per endpoint
+LEASE = "webhooks"
+# Events on an endpoint's channel after which the other nodes of a cluster reload it.
+RELOAD_ON = frozenset(
+    {"webhook.endpoint_changed", "webhook.endpoint_disabled", "webhook.endpoint_recovered"}
+)
 
 
 def channel_of(endpoint: str) -> str:
     return f"{SYSTEM}/webhooks/{endpoint}"
+
+
+def restarts(before: Endpoint, after: Endpoint) -> bool:
+    """Whether a change from ``before`` to ``after`` changes what a worker reads, so it must
+    restart from its cursor (the other fields apply to the next attempt)."""
+    return (
+        after.channels != before.channels
+        or after.concurrency != before.concurrency
+        or after.strict_order != before.strict_order
+        or after.enabled != before.enabled
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +127,7 @@ class Webhooks:
         *,
         sender: Sender | None = None,
         clock: Callable[[], float] = time.time,
+        leases: Leases | None = None,
     ) -> None:
         self.hub = hub
         self.settings = settings
@@ -120,6 +143,10 @@ class Webhooks:
         self._router: Router[str] = Router()
         self._tasks: asyncio.TaskGroup | None = None
         self._replaying: set[asyncio.Task[None]] = set()
+        self._leases = leases
+        self._delivering = leases is None  # one node delivers always; a cluster, when leased
+        self._reloading: set[str] = set()
+        self._reload_lock = asyncio.Lock()
         self.ready = asyncio.Event()  # set once endpoints are loaded and the API may change them
 
     @property
@@ -138,10 +165,14 @@ class Webhooks:
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
                     tasks.create_task(self.store.run(stopping))
-                    tasks.create_task(self._trim_loop(stopping))
                     for endpoint in await self.store.endpoints():
                         self._add(endpoint)
                     self.log.listen(self._on_commit)
+                    if self._leases is None:
+                        tasks.create_task(self._trim_loop(stopping))
+                    else:
+                        deliver = lambda: self._deliver(stopping)  # noqa: E731
+                        tasks.create_task(self._leases.run(LEASE, deliver, stopping))
                     self.ready.set()
                     await stopping.wait()
                     self._tasks = None
@@ -157,22 +188,70 @@ class Webhooks:
             self._running.clear()
             await self.store.close()
 
+    async def _deliver(self, stopping: asyncio.Event) -> None:
+        """In a cluster, while this node holds the lease: run every enabled endpoint's worker
+        (from the store as it is now) and trim the attempt log; stop them when cancelled."""
+        try:
+            self._delivering = True
+            for endpoint in await self.store.endpoints():
+                await self._reload(endpoint.id, endpoint)
+            for endpoint in list(self._endpoints.values()):
+                if endpoint.enabled and endpoint.id not in self._running:
+                    self._start(endpoint)
+            logger.info("this node delivers webhooks (%d endpoints)", len(self._running))
+            await self._trim_loop(stopping)
+        finally:
+            self._delivering = False
+            for id in list(self._running):
+                await self._stop(id)
+
     def _on_commit(self, events: Sequence[Event]) -> None:
         if self._tasks is None:
             return
         woken: set[str] = set()
         for event in events:
             woken.update(self._router.match(event.channel))
+            if self._leases is not None and event.type in RELOAD_ON:
+                self._schedule_reload(event.channel.rpartition("/")[2])
         for id in woken:
             running = self._running.get(id)
             if running is not None:
                 running.worker.wake()
 
+    def _schedule_reload(self, id: str) -> None:
+        if self._tasks is not None and id not in self._reloading:
+            self._reloading.add(id)
+            self._tasks.create_task(self._reload(id))
+
+    async def _reload(self, id: str, stored: Endpoint | None = None) -> None:
+        """Make this node's view of endpoint ``id`` what the store holds (another node changed
+        it): add, drop, or restart its worker as ``update`` would."""
+        self._reloading.discard(id)
+        async with self._reload_lock:
+            if stored is None:
+                try:
+                    stored = next((e for e in await self.store.endpoints() if e.id == id), None)
+                except Exception:
+                    logger.exception("webhook endpoint %s: reloading it failed", id)
+                    return
+            current = self._endpoints.get(id)
+            if current == stored:
+                return
+            if current is not None:
+                running = self._running.get(id)
+                if stored is not None and running is not None and not restarts(current, stored):
+                    self._endpoints[id] = running.worker.endpoint = stored
+                    return
+                await self._stop(id)
+                self._forget(current)
+            if stored is not None:
+                self._add(stored)
+
     def _add(self, endpoint: Endpoint) -> None:
         self._endpoints[endpoint.id] = endpoint
         for pattern in endpoint.patterns:
             self._router.add(pattern, endpoint.id)
-        if endpoint.enabled:
+        if endpoint.enabled and self._delivering:
             self._start(endpoint)
 
     def _forget(self, endpoint: Endpoint) -> None:
@@ -369,6 +448,7 @@ class Webhooks:
         await self.log.set_consumer(endpoint.consumer, await self.log.head())
         await self.store.put(endpoint)
         self._add(endpoint)
+        await self._changed(endpoint)
         return endpoint, secret
 
     async def update(self, id: str, changes: dict[str, Any]) -> Endpoint:
@@ -388,13 +468,7 @@ class Webhooks:
             operator = HealthState(Health.DISABLED, None, "disabled by an operator")
             after = replace(after, health=operator)
         await self.store.put(after)
-        restart = (
-            after.channels != before.channels
-            or after.concurrency != before.concurrency
-            or after.strict_order != before.strict_order
-            or after.enabled != before.enabled
-        )
-        if restart:
+        if restarts(before, after):
             await self._stop(id)
             self._forget(before)
             self._add(after)
@@ -402,6 +476,7 @@ class Webhooks:
             self._endpoints[id] = after
             if running is not None:
                 running.worker.endpoint = after
+        await self._changed(after)
         return after
 
     async def rotate(
@@ -430,7 +505,13 @@ class Webhooks:
         await self.log.delete_consumer(endpoint.consumer)
         self.metrics.forget_endpoint(id)
         self._replays.pop(id, None)
+        await self._changed(endpoint)
         return endpoint
+
+    async def _changed(self, endpoint: Endpoint) -> None:
+        """In a cluster, tell the other nodes to reload ``endpoint`` from the store."""
+        if self._leases is not None:
+            await self._announce(endpoint, "webhook.endpoint_changed")
 
     async def attempts(
         self, id: str, event: Cursor | None, before: int | None, limit: int
@@ -513,6 +594,11 @@ class Webhooks:
         self._running_or_503()
         endpoint = self.get(id)
         running = self._running.get(id)
+        if not self._delivering:
+            raise Unavailable(
+                "replays run on the node that delivers webhooks, and this node does not "
+                "(another holds the lease); send the request to another node"
+            )
         if running is None or not endpoint.enabled:
             raise Conflict(f"webhook endpoint {id} is disabled; enable it before a replay")
         events = await self.select(id, selection)
