@@ -183,6 +183,7 @@ def build_app(
         Limits(settings.limits),
         make_webhooks(hub, settings, leases),
         make_relays(hub, settings),
+        leases,
     )
     return app
 

@@ -69,6 +69,10 @@ class Leases(Protocol):
 
     def holding(self, name: str) -> bool: ...
 
+    def held(self) -> tuple[str, ...]:
+        """The leases this node holds now, by name (for ``/healthz``)."""
+        ...
+
 
 def leases_for(
     url: str, prefix: str = "tidings", ttl: float = 10.0, node: str | None = None
@@ -147,6 +151,9 @@ class LeaseRunner(ABC, Generic[S]):
     def holding(self, name: str) -> bool:
         """True while this node holds lease ``name`` and runs its work."""
         return name in self._held
+
+    def held(self) -> tuple[str, ...]:
+        return tuple(sorted(self._held))
 
     async def close(self) -> None:
         """Stop every ``run`` (as if its ``stopping`` were set), so each releases its lease; then

@@ -25,6 +25,7 @@ from ..hub import Hub
 from ..limits import Action, Limits
 
 if TYPE_CHECKING:
+    from ..leases import Leases
     from ..relays import Relay
     from ..webhooks.service import Webhooks
     from .sse import Streams
@@ -39,6 +40,7 @@ class Context:
     limits: Limits
     webhooks: Webhooks | None = None  # None: webhooks.enabled is off
     relays: tuple[Relay, ...] = ()  # MQTT, AMQP: the ones configured
+    leases: Leases | None = None  # in a cluster: which durable consumers run on this node
 
 
 def context(request: Request) -> Context:

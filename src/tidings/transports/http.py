@@ -327,6 +327,9 @@ async def healthz(request: Request) -> Response:
             relay.name: {k: v for k, v in (await relay.status()).items() if k != "error"}
             for relay in relays
         }
+    leases = context(request).leases
+    if leases is not None:  # a cluster node: the durable consumers it runs now
+        body["leases"] = leases.held()
     return json_response(orjson.dumps(body), headers={"Cache-Control": "no-store"})
 
 
