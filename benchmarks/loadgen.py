@@ -25,13 +25,13 @@ import asyncio
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
 
 from tidings.bench.subscriber import Counting
-from tidings.bench.wire import request
+from tidings.bench.wire import HTTPConnection, request
 from tidings.bench.ws import CLOSE, PING, PONG, WS_ACCEPT, frame, upgrade, walk
 
 HOST = "127.0.0.1"
@@ -70,6 +70,41 @@ async def check_ack(fut: Awaitable[tuple[int, bytes]]) -> None:
     status, body = await fut
     if status != 201:
         raise RuntimeError(f"publish answered {status}: {body[:200]!r}")
+
+
+class Publishers:
+    """Closed-loop publishers: ``depth`` requests of ``raw`` in flight on each connection, each
+    sent again as soon as it is answered, until ``stop()``. While ``measuring`` is set, answers
+    are counted: 201 as acknowledged (``ok``, with its latency in ns in ``latencies``), any
+    other status as an error. The ``publish`` workload and clusterbench.py (which spreads the
+    connections over the nodes of a cluster) measure with it.
+    """
+
+    def __init__(self, conns: Sequence[HTTPConnection], raw: bytes, depth: int = 1) -> None:
+        self.measuring = False
+        self.ok = 0
+        self.errors = 0
+        self.latencies: list[int] = []
+        self._stop = False
+        self._tasks = [asyncio.create_task(self._run(c, raw)) for c in conns for _ in range(depth)]
+
+    async def _run(self, conn: HTTPConnection, raw: bytes) -> None:
+        clock = time.perf_counter_ns
+        while not self._stop:
+            t0 = clock()
+            status, _ = await conn.send(raw)
+            t1 = clock()
+            if self.measuring:
+                if status == 201:
+                    self.ok += 1
+                    self.latencies.append(t1 - t0)
+                else:
+                    self.errors += 1
+
+    async def stop(self, within: float = 30.0) -> None:
+        """Send no more; wait (up to ``within`` s) for the requests in flight to be answered."""
+        self._stop = True
+        await asyncio.wait_for(asyncio.gather(*self._tasks), within)
 
 
 class SSEStream(asyncio.Protocol):

@@ -48,6 +48,7 @@ from grpcbench import GRPC_WORKLOADS
 from grpcbench import add_options as add_grpc_options
 from loadgen import (
     HOST,
+    Publishers,
     SSEStream,
     TimedSSEStream,
     batch_request,
@@ -127,38 +128,21 @@ async def workload_publish(args: argparse.Namespace) -> dict[str, Any]:
     async with running_server(args) as server:
         conns = [await HTTPConnection.open(HOST, server.port) for _ in range(args.publishers)]
         raw = request("POST", "/channels/bench/publish", payload_bytes(args.size))
-        latencies: list[int] = []
-        state = {"measuring": False, "stop": False, "ok": 0, "errors": 0}
-        clock = time.perf_counter_ns
-
-        async def publisher(conn: HTTPConnection) -> None:
-            while not state["stop"]:
-                t0 = clock()
-                status, _ = await conn.send(raw)
-                t1 = clock()
-                if state["measuring"]:
-                    if status == 201:
-                        state["ok"] += 1
-                        latencies.append(t1 - t0)
-                    else:
-                        state["errors"] += 1
-
-        tasks = [asyncio.create_task(publisher(c)) for c in conns for _ in range(args.depth)]
+        publishers = Publishers(conns, raw, args.depth)
         await asyncio.sleep(args.warmup)
         m0 = await server.metrics()
         with Window(server) as window:
-            state["measuring"] = True
+            publishers.measuring = True
             await asyncio.sleep(duration)
-            state["measuring"] = False
-        state["stop"] = True
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            publishers.measuring = False
+        await publishers.stop()
         m1 = await server.metrics()
         rss = server.rss_kb()
         for c in conns:
             c.close()
 
-    latencies.sort()
-    ok = state["ok"]
+    latencies = sorted(publishers.latencies)
+    ok = publishers.ok
     rate = ok / window.elapsed
     return {
         "publishes_per_s": round(rate),
@@ -167,7 +151,7 @@ async def workload_publish(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms": round(percentile(latencies, 99) / 1e6, 3),
         "max_ms": round(percentile(latencies, 100) / 1e6, 3),
         "acknowledged": ok,
-        "errors": state["errors"],
+        "errors": publishers.errors,
         "server_cpu_us_per_publish": round(window.server_cpu / max(ok, 1) * 1e6, 1),
         "server_published_delta": m1.get("tidings_published_events_total", 0)
         - m0.get("tidings_published_events_total", 0),
