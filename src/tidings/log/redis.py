@@ -318,7 +318,11 @@ class RedisLog(SharedLog):
                 after = batch[-1].seq
                 yield batch
         finally:
-            self._follow_connection = None
+            # May run late: a generator the follower left by an exception (EpochChanged) is
+            # closed by the event loop, when the next one already follows on its own
+            # connection, which ``_engine_interrupt`` must still find.
+            if self._follow_connection is connection:
+                self._follow_connection = None
             await connection.disconnect(nowait=True)
 
     async def _engine_interrupt(self) -> None:
