@@ -355,6 +355,25 @@ async def test_close_releases_every_lease_and_ends_its_runs(any_engine: Engine) 
         assert await any_engine.value("two.b") is None
 
 
+async def test_work_that_watches_stopping_finishes_by_itself(any_engine: Engine) -> None:
+    a = await any_engine.node("a")
+    stopping = asyncio.Event()
+    finished: list[str] = []
+
+    async def work() -> None:  # like a relay: on stopping, it tidies up and returns
+        await stopping.wait()
+        await asyncio.sleep(0.05)
+        finished.append("tidied")
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(a.leases.run("graceful", work, stopping))
+        await until(lambda: a.leases.holding("graceful"), "the lease is held")
+        stopping.set()
+    assert finished == ["tidied"], "the work was cancelled instead of finishing"
+    assert not a.leases.holding("graceful")
+    await a.leases.close()
+
+
 async def test_memory_runs_of_one_name_take_turns() -> None:
     async with made("memory") as engine:
         a = await engine.node("a")

@@ -9,8 +9,10 @@ Contract (checked by ``tests/test_leases.py`` against every implementation):
   sending its last successful renewal (the engine is unreachable), cancels ``work`` and waits
   again. When ``work`` returns or raises (logged), the lease is released and waited for again
   after a pause that backs off while ``work`` keeps failing quickly.
-- ``run`` returns once ``stopping`` is set or ``close`` is called, having cancelled ``work`` and
-  released the lease, so another node takes over at its next try rather than after ``ttl``.
+- ``run`` returns once ``stopping`` is set or ``close`` is called, having released the lease, so
+  another node takes over at its next try rather than after ``ttl``. ``work`` that watches the
+  same ``stopping`` gets ``ttl / 3`` to finish by itself (the lease is still valid meanwhile);
+  then, or at once when the lease is lost, it is cancelled.
 - Every acquisition has its own token (node id + random), and renewal and release compare it
   and set in one step: a holder never renews or releases a lease another holder took.
 
@@ -240,21 +242,26 @@ class LeaseRunner(ABC, Generic[S]):
 
     async def _hold(self, name: str, hold: Hold[S], work: Work, stop: asyncio.Event) -> Ended:
         async with asyncio.TaskGroup() as tg:
-            doing = tg.create_task(self._do(name, work), name=f"lease {name}")
+            doing = tg.create_task(self._do(name, work, stop), name=f"lease {name}")
             keeping = tg.create_task(self._keep(name, hold, stop))
             await asyncio.wait((doing, keeping), return_when=asyncio.FIRST_COMPLETED)
+            if keeping.done() and not keeping.cancelled() and keeping.result() is Ended.STOPPED:
+                # Stopping, with the lease still ours for a while: work that watches the same
+                # ``stopping`` (a relay requeueing what it holds) may finish by itself first.
+                await asyncio.wait((doing,), timeout=self.interval)
             doing.cancel()
             keeping.cancel()
         # The group waited for the work to end, so it never overlaps the next turn.
         return Ended.DONE if keeping.cancelled() else keeping.result()
 
-    async def _do(self, name: str, work: Work) -> None:
+    async def _do(self, name: str, work: Work, stop: asyncio.Event) -> None:
         try:
             await work()
         except Exception:
             logger.exception("lease %s: work failed; releasing the lease", name)
         else:
-            logger.warning("lease %s: work returned; releasing the lease", name)
+            if not stop.is_set():
+                logger.warning("lease %s: work returned; releasing the lease", name)
 
     async def _keep(self, name: str, hold: Hold[S], stop: asyncio.Event) -> Ended:
         """Renew every ``ttl / 3`` until ``stop`` (STOPPED) or the lease is lost (LOST)."""
