@@ -335,3 +335,57 @@ async def delivers(node: Serve) -> bool:
     async with httpx.AsyncClient(base_url=node.url) as http:
         leases: list[str] = (await http.get("/healthz")).json()["leases"]
     return "webhooks" in leases
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_endpoint_edits_on_any_node_reach_the_node_that_delivers(cluster: Cluster) -> None:
+    from webhook_receiver import Receiver
+
+    env = {"TIDINGS_WEBHOOKS_ALLOW_HTTP": "true",
+           "TIDINGS_WEBHOOKS_ALLOWED_NETWORKS": "127.0.0.1/32"}  # fmt: skip
+    with Receiver() as first, Receiver() as second, reporting(cluster):
+        nodes = [cluster.start(**env) for _ in range(3)]
+
+        async def leader() -> Serve | None:
+            held = [node for node in nodes if await delivers(node)]
+            return held[0] if held else None
+
+        delivering = await until(leader, "a node to deliver webhooks")
+        others = [node for node in nodes if node is not delivering]
+        async with (
+            httpx.AsyncClient(base_url=others[0].url, timeout=10) as one,
+            httpx.AsyncClient(base_url=others[1].url, timeout=10) as two,
+        ):
+            made = await one.post("/webhooks", json={"url": first.url, "channels": ["e/*"]})
+            assert made.status_code == 201, made.text
+            id = made.json()["id"]
+            sent = await two.post("/channels/e/1", json={"n": 1})
+            first.wait_for(1)
+            assert first.ids() == [sent.json()["id"]]
+
+            moved = await two.patch(f"/webhooks/{id}", json={"url": second.url})
+            assert moved.status_code == 200, moved.text
+            listed = (await one.get(f"/webhooks/{id}")).json()
+
+            async def seen_everywhere() -> bool:
+                return (await one.get(f"/webhooks/{id}")).json()["url"] == second.url
+
+            await until(seen_everywhere, f"the new URL on every node (was {listed['url']})")
+
+            async def delivered_to_the_new_url() -> bool:
+                await two.post("/channels/e/2", json={"n": 2})
+                return bool(second.requests)
+
+            await until(delivered_to_the_new_url, "an event at the new URL")
+
+            gone = await one.delete(f"/webhooks/{id}")
+            assert gone.status_code == 200, gone.text
+
+            async def deleted_everywhere() -> bool:
+                for node in nodes:
+                    async with httpx.AsyncClient(base_url=node.url) as http:
+                        if (await http.get(f"/webhooks/{id}")).status_code != 404:
+                            return False
+                return True
+
+            await until(deleted_everywhere, "the endpoint gone from every node")

@@ -244,6 +244,12 @@ class Webhooks:
                     return
                 await self._stop(id)
                 self._forget(current)
+                if stored is None and running is not None:
+                    # Deleted on another node while this one delivered: whatever the worker
+                    # stored since (a retry, its cursor) would outlive the endpoint.
+                    await self.store.delete(id)
+                    await self.log.delete_consumer(current.consumer)
+                    self.metrics.forget_endpoint(id)
             if stored is not None:
                 self._add(stored)
 
