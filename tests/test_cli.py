@@ -250,3 +250,33 @@ def test_serve_refuses_a_relay_url_of_the_wrong_scheme() -> None:
         "tidings: configuration error: mqtt.url must start with mqtt:// or mqtts://, "
         "not 'http://127.0.0.1:1883'"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cluster", "http://10.0.0.5:6379"],
+         "--log/--cluster 'http://10.0.0.5:6379': use sqlite, memory, a redis:// URL or "
+         "a nats:// URL"),
+        (["--log", "redis"],
+         "log.backend = 'redis' needs log.url starting with redis:// or rediss:// or unix://, "
+         "not ''"),
+        (["--log", "cassandra"], None),
+    ],
+)  # fmt: skip
+def test_serve_refuses_a_cluster_url_it_cannot_use(args: list[str], message: str | None) -> None:
+    result = tidings("serve", "--port", "0", *args)
+    assert result.returncode == 2
+    [line] = result.stderr.decode().splitlines()
+    assert line.startswith("tidings: configuration error: ")
+    if message is not None:
+        assert line == f"tidings: configuration error: {message}"
+    else:
+        assert "log.backend" in line and "cassandra" in line
+
+
+def test_serve_says_so_when_the_cluster_engine_is_unreachable() -> None:
+    result = tidings("serve", "--port", "0", "--cluster", f"redis://127.0.0.1:{free_port()}/0")
+    assert result.returncode == 2
+    [line] = result.stderr.decode().splitlines()
+    assert line.startswith("tidings: configuration error: log: cannot use Redis at redis://")
