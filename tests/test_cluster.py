@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import httpx
 import pytest
 
@@ -22,6 +24,7 @@ from brokers import TCPProxy, require_service, until
 from serving import Serve
 from tidings.client import Client, ContinuityLost, ReceivedEvent
 from tidings.events import Cursor
+from tidings.relays.mqtt import read_properties
 
 ENGINES = {"redis": ("redis://127.0.0.1:6379/0", 6379), "nats": ("nats://127.0.0.1:4222", 4222)}
 
@@ -389,3 +392,97 @@ async def test_endpoint_edits_on_any_node_reach_the_node_that_delivers(cluster: 
                 return True
 
             await until(deleted_everywhere, "the endpoint gone from every node")
+
+
+# -- relays: one node runs each, another takes over -----------------------------------------
+
+MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
+
+
+@pytest.fixture
+def mosquitto() -> None:
+    require_service(MQTT_HOST, MQTT_PORT, "Mosquitto")
+
+
+@contextlib.asynccontextmanager
+async def listening(topic: str) -> AsyncIterator[list[str]]:
+    """The cursors of the messages that arrive on ``topic`` (QoS 1), as they arrive."""
+    cursors: list[str] = []
+    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        await client.subscribe(topic, qos=1)
+
+        async def read() -> None:
+            async for message in client.messages:
+                cursor = read_properties(message.properties).cursor
+                assert cursor is not None
+                cursors.append(cursor)
+
+        reader = asyncio.create_task(read())
+        try:
+            yield cursors
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+async def relaying(nodes: list[Serve]) -> Serve:
+    """The node that runs the relay, once one does and its relay is connected."""
+
+    async def which() -> Serve | None:
+        for node in nodes:
+            if node.proc.poll() is not None:
+                continue
+            async with httpx.AsyncClient(base_url=node.url) as http:
+                health = (await http.get("/healthz")).json()
+            if "relay.mqtt" in health["leases"] and health["relays"]["mqtt"]["connected"]:
+                return node
+        return None
+
+    found: Serve = await until(which, "a node to run the MQTT relay")
+    return found
+
+
+@pytest.mark.parametrize("cluster", ["redis", "nats"], indirect=True)
+async def test_one_node_relays_each_event_once_and_another_takes_over_after_kill_9(
+    cluster: Cluster, mosquitto: None
+) -> None:
+    prefix = f"t{secrets.token_hex(4)}"
+    env = {"TIDINGS_MQTT_PREFIX": prefix, "TIDINGS_MQTT_INBOUND_PREFIX": f"{prefix}-in"}
+    with reporting(cluster):
+        nodes = [
+            cluster.start(**env, TIDINGS_MQTT_URL=f"mqtt://{MQTT_HOST}:{MQTT_PORT}")
+            for _ in range(3)
+        ]
+        async with listening(f"{prefix}/#") as cursors:
+            holder = await relaying(nodes)
+            async with httpx.AsyncClient(timeout=10) as http:
+
+                async def burst(first: int) -> list[str]:
+                    ids = []
+                    alive = [node for node in nodes if node.proc.poll() is None]
+                    for n in range(first, first + 30):
+                        node = alive[n % len(alive)]
+                        sent = await http.post(f"{node.url}/channels/r/{n}", json={"n": n})
+                        assert sent.status_code == 201, sent.text
+                        ids.append(sent.json()["id"])
+                    return ids
+
+                before = await burst(0)
+
+                async def all_of(ids: list[str]) -> bool:
+                    return set(cursors) >= set(ids)
+
+                await until(lambda: all_of(before), "the first burst at the broker")
+                await asyncio.sleep(0.3)  # time for copies from other nodes, if any were sent
+                assert sorted(cursors) == sorted(before), "an event reached the broker twice"
+
+                holder.kill()
+                assert holder.proc.returncode == -signal.SIGKILL
+                after = await burst(30)
+                successor = await relaying(nodes)
+                await until(lambda: all_of(after), "the second burst, relayed by another node")
+                assert successor is not holder
+                # At least once across the kill; no event more than twice (the dead node's
+                # unconfirmed window and the successor's resend).
+                assert max(cursors.count(c) for c in before + after) <= 2
