@@ -8,7 +8,8 @@ Layout, under ``{prefix}:log:`` (default prefix ``tidings``):
 - ``idem:<channel>:<key>``: idempotency keys, ``"<epoch> <seq> <time>"``, expiring with the
   window.
 
-Appends run as one Lua script, which Redis executes atomically: it checks idempotency keys,
+Appends run as one Lua script, which Redis executes atomically (one script for all the appends
+waiting on a node: group commit): it checks idempotency keys,
 numbers the events, adds them to the stream and trims it by count, so concurrent publishers on
 any node get one global order and a batch stays contiguous. A stream that is gone (deleted,
 flushed, or a Redis restarted without persistence) is recreated by the next script with a new
@@ -21,8 +22,11 @@ acknowledgement also means that many replicas have it (see ``docs/cluster.md``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -37,6 +41,7 @@ from .shared import EpochChanged, SharedLog
 FOLLOW_BLOCK_MS = 1000  # an idle follower returns this often to check the epoch
 FOLLOW_COUNT = 1000
 MAX_CONNECTIONS = 32  # per node, besides the follower's own
+GROUP = 1000  # drafts per append script at most (one request's batch may be larger)
 
 # KEYS: stream, meta, consumers. ARGV: candidate epoch. Returns the epoch.
 _ENSURE = """
@@ -171,6 +176,9 @@ class RedisLog(SharedLog):
         self._replica_timeout_ms = round(replica_timeout * 1000)
         self._redis: aioredis.Redis | None = None
         self._follow_connection: Any = None
+        self._queue: deque[tuple[Sequence[Draft], asyncio.Future[list[Appended]]]] = deque()
+        self._queued = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
         self._scripts: dict[str, Any] = {}
 
     def _client(self) -> aioredis.Redis:
@@ -199,6 +207,7 @@ class RedisLog(SharedLog):
         except RedisError as exc:
             await self._engine_close()
             raise ConfigError(f"log: cannot use Redis at {self.url}: {exc}") from None
+        self._writer = asyncio.create_task(self._write_loop(), name="tidings-redis-writer")
         return epoch, head
 
     async def _ensure(self) -> bytes:
@@ -207,12 +216,58 @@ class RedisLog(SharedLog):
         return result
 
     async def _engine_close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        while self._queue:
+            _, future = self._queue.popleft()
+            if not future.done():
+                future.set_exception(Unavailable("the Redis log is closed"))
         if self._redis is not None:
             redis, self._redis = self._redis, None
             await redis.aclose()
             await redis.connection_pool.disconnect()
 
     async def _engine_append(self, drafts: Sequence[Draft]) -> list[Appended]:
+        # Group commit: requests queue here and the writer sends all that are waiting as one
+        # script call, so a busy node pays one round trip and one script run for many publishes
+        # (one call per request measured 276-340 us of node CPU per publish).
+        future: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
+        self._queue.append((drafts, future))
+        self._queued.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        """The writer: one script call at a time, for every append waiting when it starts."""
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            while self._queue:
+                batch: list[tuple[Sequence[Draft], asyncio.Future[list[Appended]]]] = []
+                count = 0
+                while self._queue and (not batch or count + len(self._queue[0][0]) <= GROUP):
+                    request = self._queue.popleft()
+                    if not request[1].done():  # a cancelled publish is not sent
+                        batch.append(request)
+                        count += len(request[0])
+                if not batch:
+                    continue
+                try:
+                    results = await self._append_all([d for drafts, _ in batch for d in drafts])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for drafts, future in batch:
+                    if not future.done():
+                        future.set_result(results[start : start + len(drafts)])
+                    start += len(drafts)
+
+    async def _append_all(self, drafts: Sequence[Draft]) -> list[Appended]:
         keys = [self._stream, self._meta, self._consumers]
         args: list[Any] = [secrets.token_hex(4), self._window_ms, self._max_events]
         for draft in drafts:
