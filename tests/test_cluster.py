@@ -291,8 +291,6 @@ async def test_an_unreachable_engine_fails_publishes_with_503_until_it_returns(
         proxy.stop()
 
 
-# Redis only: on a NATS cluster webhooks are off until their shared store exists there.
-@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
 async def test_webhook_delivery_moves_to_another_node_when_its_node_is_killed(
     cluster: Cluster,
 ) -> None:
@@ -340,7 +338,6 @@ async def delivers(node: Serve) -> bool:
     return "webhooks" in leases
 
 
-@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
 async def test_endpoint_edits_on_any_node_reach_the_node_that_delivers(cluster: Cluster) -> None:
     from webhook_receiver import Receiver
 

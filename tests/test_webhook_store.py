@@ -1,27 +1,35 @@
 """The webhook store: endpoints, retries, failed marks and the attempt log, on SQLite (a file,
-and in memory) and on Redis (the same tests, then what only a shared store does)."""
+and in memory), on Redis and on NATS JetStream (the same tests, then what only a shared store
+does)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import nats
+import nats.js.errors
 import pytest
 import redis.asyncio as redis
 
 from brokers import TCPProxy, require_service, until
 from tidings.exceptions import ConfigError, Unavailable
 from tidings.webhooks.delivery import Attempt, Endpoint, Retry, Secret
+from tidings.webhooks.nats_store import NatsWebhookStore
+from tidings.webhooks.natscodec import Names
 from tidings.webhooks.policy import Health, HealthState, judge
 from tidings.webhooks.redis_store import RedisWebhookStore
 from tidings.webhooks.store import Failed, Store, WebhookStore
 
 REDIS = ("127.0.0.1", 6379)
 REDIS_URL = "redis://127.0.0.1:6379/0"
+NATS = ("127.0.0.1", 4222)
+NATS_URL = "nats://127.0.0.1:4222"
 
 
 @contextlib.asynccontextmanager
@@ -41,12 +49,33 @@ async def scratch_prefix() -> AsyncIterator[str]:
             await client.aclose()
 
 
-@pytest.fixture(params=["file", "memory", "redis"])
+@contextlib.asynccontextmanager
+async def nats_prefix() -> AsyncIterator[str]:
+    """A prefix no other test uses; its bucket and stream are deleted afterwards."""
+    require_service(*NATS, "NATS")
+    prefix = f"tidings-test-{uuid.uuid4().hex}"
+    try:
+        yield prefix
+    finally:
+        nc = await nats.connect(NATS_URL)
+        try:
+            names = Names(prefix)
+            for stream in (names.kv_stream, names.attempts_stream):
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await nc.jetstream().delete_stream(stream)
+        finally:
+            await nc.close()
+
+
+@pytest.fixture(params=["file", "memory", "redis", "nats"])
 async def store(request: Any, tmp_path: Any) -> AsyncIterator[Store]:
     async with contextlib.AsyncExitStack() as stack:
         opened: Store
         if request.param == "redis":
             opened = RedisWebhookStore(REDIS_URL, await stack.enter_async_context(scratch_prefix()))
+        elif request.param == "nats":
+            require_service(*NATS, "NATS")
+            opened = NatsWebhookStore(NATS_URL, await stack.enter_async_context(nats_prefix()))
         else:
             path = os.path.join(str(tmp_path), "t.db") if request.param == "file" else ":memory:"
             opened = WebhookStore(path)
@@ -108,6 +137,20 @@ async def test_retries_and_failed_marks(store: Store) -> None:
     assert await store.failed("ep_1", 5, 10, 10) == []  # (after, until]
     await store.settle("ep_1", 5, None)  # a replay delivered it
     assert await store.failed("ep_1", 0, 10, 10) == []
+
+
+async def test_an_events_retry_and_failed_mark_are_kept_apart(store: Store) -> None:
+    await store.settle("ep_1", 5, Failed(5, 1.0, "503"))
+    await store.set_retry("ep_1", Retry(5, 1, 100.0))  # tried again (by a node that lagged)
+    await store.set_retry("ep_1", Retry(5, 2, 200.0))
+    assert await store.retries("ep_1") == [Retry(5, 2, 200.0)]
+    assert await store.failed("ep_1", 0, 10, 10) == [Failed(5, 1.0, "503")]
+    assert await store.trim(before=0.0, low=5) == 0  # the mark goes with its event
+    assert await store.failed("ep_1", 0, 10, 10) == []
+    assert await store.retries("ep_1") == [Retry(5, 2, 200.0)]  # the retry stays
+    await store.settle("ep_1", 5, Failed(5, 3.0, "again"))
+    assert await store.retries("ep_1") == []
+    assert await store.failed("ep_1", 0, 10, 10) == [Failed(5, 3.0, "again")]
 
 
 async def test_the_attempt_log_pages_newest_first_and_trims_by_age(store: Store) -> None:
@@ -195,8 +238,40 @@ async def test_failed_marks_page_oldest_first_and_trim_drops_those_retention_rem
     assert [f.seq for f in await store.failed("ep_2", 0, 100, 10)] == [6, 8]
 
 
-# SQLite only: the file reopened. The Redis counterpart is
-# test_a_second_node_sees_what_the_first_stored.
+async def test_pages_of_a_long_attempt_log_are_those_of_one_full_read(store: Store) -> None:
+    mine = [n % 3 == 0 or 1000 <= n < 1400 for n in range(3000)]  # ep_1's: unevenly spread
+    for n in range(3000):
+        on = "ep_1" if mine[n] else f"ep_{2 + n % 2}"
+        await store.record(attempt(n // 7, number=n % 7, on=on))
+        if n % 1000 == 999:
+            await store.flush()
+    everything = await store.attempts("ep_1", None, None, -1)
+    assert len(everything) == sum(mine) == len({a.id for a in everything})
+    for limit in (1, 7, 100, 500):
+        paged: list[Any] = []
+        before = None
+        for _ in range(30):  # every page of the larger limits, the first of the others
+            page = await store.attempts("ep_1", None, before, limit)
+            if not page:
+                break
+            assert len(page) == limit or len(paged) + len(page) == len(everything)
+            paged.extend(page)
+            before = page[-1].id
+        assert paged == everything[: len(paged)], limit
+        assert limit < 100 or len(paged) == len(everything)
+    middle = everything[len(everything) // 2].id
+    assert (
+        await store.attempts("ep_1", None, middle, 5)
+        == [a for a in everything if a.id < middle][:5]
+    )
+    one = await store.attempts("ep_1", 150, None, 100)
+    assert one == [a for a in everything if a.seq == 150] and len(one) == 7
+    assert await store.attempts("ep_1", 150, one[2].id, 2) == one[3:5]
+
+
+# SQLite only: the file reopened. The Redis and NATS counterparts are
+# test_a_second_node_sees_what_the_first_stored and
+# test_a_second_nats_node_sees_what_the_first_stored.
 async def test_the_file_keeps_it_all_across_a_reopen(tmp_path: Any) -> None:
     path = os.path.join(str(tmp_path), "t.db")
     first = WebhookStore(path)
@@ -353,3 +428,195 @@ async def test_closing_while_redis_is_unreachable_logs_the_lost_attempts(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# -- NATS only: a store several nodes share ---------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def nats_store(prefix: str, url: str = NATS_URL) -> AsyncIterator[NatsWebhookStore]:
+    opened = NatsWebhookStore(url, prefix)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def messages_of(prefix: str) -> dict[str, int]:
+    """How many messages each of the deployment's webhook streams holds."""
+    nc = await nats.connect(NATS_URL)
+    try:
+        names = Names(prefix)
+        js = nc.jetstream()
+        return {
+            stream: (await js.stream_info(stream)).state.messages
+            for stream in (names.kv_stream, names.attempts_stream)
+        }
+    finally:
+        await nc.close()
+
+
+async def test_a_second_nats_node_sees_what_the_first_stored() -> None:
+    async with (
+        nats_prefix() as prefix,
+        nats_store(prefix) as first,
+        nats_store(prefix) as second,
+    ):
+        await first.put(endpoint())
+        await first.set_retry("ep_1", Retry(4, 3, 9.0))
+        await first.settle("ep_1", 5, Failed(5, 1.0, "503"))
+        for seq in (1, 2):
+            await first.record(attempt(seq))
+            await second.record(attempt(seq, number=1))
+            await first.flush()
+            await second.flush()
+        assert await second.endpoints() == [endpoint()]
+        assert await second.retries("ep_1") == [Retry(4, 3, 9.0)]
+        assert await second.failed("ep_1", 0, 10, 10) == [Failed(5, 1.0, "503")]
+        seen = [(a.seq, a.number) for a in await first.attempts("ep_1", None, None, 10)]
+        assert seen == [(2, 1), (2, 0), (1, 1), (1, 0)]  # ids follow the order of the flushes
+        await second.set_retry("ep_1", Retry(4, 4, 10.0))  # first's remembered revision is old
+        await first.set_retry("ep_1", Retry(4, 5, 11.0))
+        assert await second.retries("ep_1") == [Retry(4, 5, 11.0)]
+        await second.delete("ep_1")
+        assert await first.endpoints() == []
+        assert await first.attempts("ep_1", None, None, 10) == []
+
+
+async def test_names_stay_under_the_prefix_and_delete_leaves_nothing_of_the_endpoint() -> None:
+    async with nats_prefix() as prefix, nats_store(prefix) as store:
+        ids = ("ep_1", "ep_1:retries", "ep_1.x", "ep_1.>", "ep_1*")  # ids that look like wildcards
+        for id in ids:
+            await store.put(endpoint(id))
+            await store.set_retry(id, Retry(1, 1, 1.0))
+            await store.settle(id, 2, Failed(2, 1.0, "x"))
+            await store.record(attempt(1, on=id))
+        await store.flush()
+        nc = await nats.connect(NATS_URL)
+        try:
+            mine = {i.config.name for i in await nc.jetstream().streams_info() if
+                    i.config.name and prefix.upper() in i.config.name.upper()}  # fmt: skip
+        finally:
+            await nc.close()
+        assert mine == {store.names.kv_stream, store.names.attempts_stream}
+        for id in ids[1:]:
+            await store.delete(id)
+            assert await store.retries("ep_1") == [Retry(1, 1, 1.0)]
+            assert len(await store.attempts("ep_1", None, None, 10)) == 1
+        assert [e.id for e in await store.endpoints()] == ["ep_1"]
+        await store.delete("ep_1")
+        assert set((await messages_of(prefix)).values()) == {0}
+
+
+async def test_trim_purges_the_oldest_attempts_across_endpoints() -> None:
+    async with nats_prefix() as prefix, nats_store(prefix) as store:
+        for seq in range(2500):
+            await store.record(attempt(seq, when=float(seq), on=f"ep_{seq % 2}"))
+            if seq % 1000 == 999:
+                await store.flush()  # no run(): record would wait at FLUSH_ROWS
+        await store.flush()
+        assert await store.trim(before=2200.0) == 2200
+        assert len(await store.attempts("ep_0", None, None, -1)) == 150
+        assert await store.trim(before=1e12) == 300
+        assert set((await messages_of(prefix)).values()) == {0}
+
+
+async def test_an_old_attempt_recorded_after_a_younger_one_goes_at_a_later_trim() -> None:
+    # The one difference from SQLite: trim purges the oldest run of the log, so an attempt
+    # that began earlier than one recorded before it (it took longer) waits for that one.
+    async with nats_prefix() as prefix, nats_store(prefix) as store:
+        for seq, when in ((1, 10.0), (2, 30.0), (3, 20.0), (4, 40.0)):
+            await store.record(attempt(seq, when=when))
+        await store.flush()
+        assert await store.trim(before=25.0) == 1
+        assert [a.seq for a in await store.attempts("ep_1", None, None, 10)] == [4, 3, 2]
+        assert await store.trim(before=35.0) == 2
+        assert [a.seq for a in await store.attempts("ep_1", None, None, 10)] == [4]
+
+
+async def test_a_stream_deleted_under_the_store_is_made_again() -> None:
+    async with nats_prefix() as prefix, nats_store(prefix) as store:
+        await store.put(endpoint())
+        nc = await nats.connect(NATS_URL)
+        try:
+            for stream in (store.names.kv_stream, store.names.attempts_stream):
+                await nc.jetstream().delete_stream(stream)
+        finally:
+            await nc.close()
+        await store.record(attempt(1))
+        assert [a.seq for a in await store.attempts("ep_1", None, None, 10)] == [1]
+        assert await store.endpoints() == []
+        await store.put(endpoint())
+        assert await store.endpoints() == [endpoint()]
+
+
+async def test_an_unreachable_nats_fails_open_with_one_line_naming_it() -> None:
+    dead = "nats://u:s3cret@127.0.0.1:1"
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as raised:
+        await NatsWebhookStore(dead).open()
+    assert time.monotonic() - started < 8
+    message = raised.value.detail
+    assert "NATS" in message and "nats://u:***@127.0.0.1:1" in message, message
+    assert "s3cret" not in message and "\n" not in message
+    with pytest.raises(ConfigError, match="not a NATS URL"):
+        await NatsWebhookStore("http://127.0.0.1:4222").open()
+    with pytest.raises(ConfigError, match="prefix"):
+        NatsWebhookStore(NATS_URL, "no spaces")
+
+
+async def test_a_lost_nats_connection_is_unavailable_and_the_flush_catches_up_after_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = TCPProxy(*NATS).start()
+    url = f"nats://{proxy.address}"
+    try:
+        async with (
+            nats_prefix() as prefix,
+            nats_store(prefix, url) as store,
+            nats_store(prefix) as reader,
+        ):
+            stopping = asyncio.Event()
+            flusher = asyncio.create_task(store.run(stopping))
+            await store.put(endpoint())
+            proxy.cut()
+            for write in (store.put(endpoint()), store.set_retry("ep_1", Retry(1, 1, 1.0)),
+                          store.settle("ep_1", 1, None), store.endpoints(),
+                          store.failed("ep_1", 0, 10, 10)):  # fmt: skip
+                with pytest.raises(Unavailable, match=f"cannot reach NATS at {url}"):
+                    await write
+            for seq in (1, 2, 3):
+                await store.record(attempt(seq))
+            await until(lambda: _true("attempts wait to be written" in caplog.text), "a warning")
+            proxy.heal()
+
+            async def written() -> int:
+                return len(await reader.attempts("ep_1", None, None, 10))
+
+            assert await until(written, "the buffered attempts written") == 3
+            stopping.set()
+            await flusher
+            assert [a.seq for a in await store.attempts("ep_1", None, None, 10)] == [3, 2, 1]
+            await store.set_retry("ep_1", Retry(1, 1, 1.0))  # the connection is back
+            assert await reader.retries("ep_1") == [Retry(1, 1, 1.0)]
+    finally:
+        proxy.stop()
+
+
+async def test_closing_while_nats_is_unreachable_logs_the_lost_attempts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = TCPProxy(*NATS).start()
+    try:
+        async with nats_prefix() as prefix:
+            store = NatsWebhookStore(f"nats://{proxy.address}", prefix)
+            await store.open()
+            await store.record(attempt(1))
+            proxy.cut()
+            started = time.monotonic()
+            await store.close()  # shutting down does not wait for NATS
+            assert time.monotonic() - started < 2
+            assert "1 attempts not written" in caplog.text
+    finally:
+        proxy.stop()

@@ -202,7 +202,7 @@ def make_relays(hub: Hub, settings: Settings) -> tuple[Relay, ...]:
 
 def make_webhooks(hub: Hub, settings: Settings, leases: Leases | None = None) -> Webhooks | None:
     """The webhook service, its tables beside the events: in the SQLite file, in memory with a
-    memory log, in Redis with a Redis log."""
+    memory log, in Redis with a Redis log, in NATS JetStream with a NATS log."""
     if not settings.webhooks.enabled:
         return None
     cfg = settings.log
@@ -212,13 +212,10 @@ def make_webhooks(hub: Hub, settings: Settings, leases: Leases | None = None) ->
 
         store = RedisWebhookStore(cfg.url, cfg.prefix)
     elif cfg.backend == "nats":
-        # Not written yet: a store on NATS KV. A node-local store would split the endpoints
-        # between nodes, so webhooks stay off rather than half work (docs/cluster.md).
-        logger.warning(
-            "webhooks are off: on a NATS cluster they need a shared store, which is not "
-            "written yet (use a Redis cluster for webhooks, or set webhooks.enabled = false)"
-        )
-        return None
+        from .webhooks.nats_store import NatsWebhookStore  # the nats extra
+
+        # As many replicas as the log's stream: the endpoints and retries are as precious.
+        store = NatsWebhookStore(cfg.url, cfg.prefix, replicas=cfg.replicas)
     else:
         store = WebhookStore(cfg.path if cfg.backend == "sqlite" else ":memory:")
     return Webhooks(hub, settings.webhooks, store, leases=leases)

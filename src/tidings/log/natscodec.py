@@ -30,16 +30,21 @@ class Names(NamedTuple):
     bucket: str  # the KV bucket of durable consumer positions: ``{prefix}_consumers``
 
 
-def names(prefix: str) -> Names:
-    """The names of the deployment ``prefix``: ``.``-separated words of letters, digits, ``_``
-    and ``-`` (a subject's tokens; stream and bucket names take them with ``_`` for ``.``)."""
+def name(prefix: str) -> str:
+    """The deployment ``prefix`` as stream and bucket names take it (``_`` for ``.``); it must
+    be ``.``-separated words of letters, digits, ``_`` and ``-`` (a subject's tokens)."""
     if not _PREFIX.fullmatch(prefix):
         raise ConfigError(
             f"the NATS log's prefix {prefix!r} must be dot-separated words of letters, digits, "
             "'_' and '-'"
         )
-    name = prefix.replace(".", "_")
-    return Names(stream=f"{name.upper()}_LOG", subject=f"{prefix}.log", bucket=f"{name}_consumers")
+    return prefix.replace(".", "_")
+
+
+def names(prefix: str) -> Names:
+    """The names of the deployment ``prefix`` (see ``name``)."""
+    base = name(prefix)
+    return Names(stream=f"{base.upper()}_LOG", subject=f"{prefix}.log", bucket=f"{base}_consumers")
 
 
 def nanoseconds(seconds: float) -> int:

@@ -1,5 +1,5 @@
 """Where webhook endpoints and their delivery state live: the ``Store`` interface, and its
-SQLite implementation (``redis_store`` holds the one several nodes share).
+SQLite implementation (``redis_store`` and ``nats_store`` hold the ones several nodes share).
 
 Rules:
 - Endpoints (their secrets included), stored retries, failed marks and the attempt log live in
