@@ -35,8 +35,8 @@ import asyncio
 import itertools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -47,13 +47,12 @@ from ..exceptions import ConfigError, Unavailable
 from .delivery import Attempt, Endpoint, Retry
 from .jetstream import CONNECT_TIMEOUT, Dropped, JetStream, StreamMissing, seq_of
 from .natscodec import Names, Search, State, event_seq, masked, row, stored, token
-from .store import FLUSH_ROWS, Failed, Store, StoredAttempt, decode, encode
+from .store import Failed, ServerAttemptBuffer, Store, StoredAttempt, decode, encode
 
 logger = logging.getLogger("tidings.webhooks")
 
 T = TypeVar("T")
 
-RETRY_PAUSE = 1.0  # seconds ``run`` waits after NATS refused a flush
 DEDUPE_WINDOW = 120.0  # seconds the attempts' stream drops a re-sent Nats-Msg-Id
 PURGES_AT_ONCE = 64  # purge requests ``trim`` has in flight
 CAS_ROUNDS = 8  # conditional writes of one retry before giving up: something keeps racing it
@@ -69,24 +68,20 @@ def _deleted(msg: Msg) -> bool:
     return (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE")
 
 
-class NatsWebhookStore(Store):
+class NatsWebhookStore(ServerAttemptBuffer[str], Store):
     """``url`` is a NATS URL (``nats://``, ``tls://``; several separated by commas); the names
     come from ``prefix`` (``natscodec.Names``); ``replicas`` is the replica count of the bucket
     and the stream when this store makes them (the log's ``replicas``)."""
 
     def __init__(self, url: str, prefix: str = "tidings", *, replicas: int = 1) -> None:
+        super().__init__()  # the attempt log's buffer: by Nats-Msg-Id
         self.url = url
         self.prefix = prefix
         self.names = Names(prefix)
         self._replicas = max(1, replicas)
         self._js: JetStream | None = None
-        self._buffer: list[Attempt] = []
-        self._unwritten: list[tuple[str, Attempt]] = []  # Nats-Msg-Id given, not acknowledged
         # Unique across nodes: each attempt's Nats-Msg-Id and the last token of its subject.
         self._msg_ids = (f"{secrets.token_hex(6)}-{n}" for n in itertools.count(1))
-        self._dirty = asyncio.Event()
-        self._flushed = asyncio.Event()
-        self._flushing = asyncio.Lock()  # one flush at a time: ids follow the record order
         # Event state subject -> the revision and state of this node's last write there.
         self._written: dict[str, tuple[int, State]] = {}
 
@@ -179,10 +174,7 @@ class NatsWebhookStore(Store):
         if self._js is None:
             return
         try:
-            await self.flush()
-        except Unavailable as exc:
-            lost = len(self._buffer) + len(self._unwritten)
-            logger.warning("%s; %d attempts not written to the attempt log", exc.detail, lost)
+            await self._last_flush()
         finally:
             await self._disconnect()
 
@@ -288,36 +280,13 @@ class NatsWebhookStore(Store):
 
     # -- the attempt log -----------------------------------------------------------------------
 
-    async def record(self, attempt: Attempt) -> None:
-        """Buffer ``attempt`` for the next flush; waits when the flush has fallen behind."""
-        self._buffer.append(attempt)
-        self._dirty.set()
-        while len(self._buffer) + len(self._unwritten) >= FLUSH_ROWS:
-            self._flushed.clear()
-            await self._flushed.wait()
+    # ``record``, ``run`` and ``flush`` are ``ServerAttemptBuffer``'s; these give ids and write.
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Flush buffered attempts as they come, until ``stopping``; while NATS refuses, log it
-        and try again every ``RETRY_PAUSE`` seconds (the writers wait meanwhile)."""
-        while not stopping.is_set():
-            await _first(self._dirty.wait(), stopping.wait())
-            try:
-                await self.flush()
-            except Unavailable as exc:
-                waiting = len(self._buffer) + len(self._unwritten)
-                logger.warning("%s; %d attempts wait to be written", exc.detail, waiting)
-                self._dirty.set()
-                await _first(asyncio.sleep(RETRY_PAUSE), stopping.wait())
+    async def _with_ids(self, batch: list[Attempt]) -> Iterable[tuple[str, Attempt]]:
+        return zip(self._msg_ids, batch, strict=False)
 
-    async def flush(self) -> None:
-        async with self._flushing:
-            self._dirty.clear()
-            if self._buffer:
-                batch, self._buffer = self._buffer, []
-                self._unwritten.extend(zip(self._msg_ids, batch, strict=False))
-            if self._unwritten:
-                await self._run("writing the attempt log", self._write)
-            self._flushed.set()
+    async def _write_unwritten(self) -> None:
+        await self._run("writing the attempt log", self._write)
 
     async def _write(self) -> None:
         """Publish the unwritten attempts in order; those the stream acknowledged leave
@@ -453,13 +422,3 @@ class NatsWebhookStore(Store):
                     raise
         for at in range(0, len(purge), PURGES_AT_ONCE):
             await asyncio.gather(*(js.purge(kv, s) for s in purge[at : at + PURGES_AT_ONCE]))
-
-
-async def _first(*waits: Awaitable[Any]) -> None:
-    """Until the first of ``waits`` is done; the others are cancelled."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

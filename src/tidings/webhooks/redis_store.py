@@ -37,10 +37,8 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -54,11 +52,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..exceptions import ConfigError, Unavailable
 from .delivery import Attempt, Endpoint, Retry
-from .store import FLUSH_ROWS, Failed, Store, StoredAttempt, decode, encode
+from .store import Failed, ServerAttemptBuffer, Store, StoredAttempt, decode, encode
 
-logger = logging.getLogger("tidings.webhooks")
-
-RETRY_PAUSE = 1.0  # seconds ``run`` waits after Redis refused a flush
 TRIM_BATCH = 1000  # attempts one trim script removes (a script blocks Redis while it runs)
 
 # KEYS: index zset, rows hash. ARGV: BYSCORE or BYLEX, max, min, limit.
@@ -135,20 +130,16 @@ def _mark(seq: int, failed: Failed) -> bytes:
     return orjson.dumps([seq, float(failed.time), failed.reason])
 
 
-class RedisWebhookStore(Store):
+class RedisWebhookStore(ServerAttemptBuffer[int], Store):
     """``url`` is a Redis URL (``redis://``, ``rediss://``, ``unix://``); every key starts with
     ``<prefix>:wh:``."""
 
     def __init__(self, url: str, prefix: str = "tidings") -> None:
+        super().__init__()  # the attempt log's buffer: by attempt id
         self.url = url
         self.prefix = prefix
         self._key = f"{prefix}:wh"
         self._redis: redis.Redis | None = None
-        self._buffer: list[Attempt] = []
-        self._unwritten: list[tuple[int, Attempt]] = []  # ids allocated, rows not yet written
-        self._dirty = asyncio.Event()
-        self._flushed = asyncio.Event()
-        self._flushing = asyncio.Lock()  # one flush at a time: ids follow the record order
 
     # -- keys and errors -----------------------------------------------------------------------
 
@@ -214,10 +205,7 @@ class RedisWebhookStore(Store):
         if self._redis is None:
             return
         try:
-            await self.flush()
-        except Unavailable as exc:
-            lost = len(self._buffer) + len(self._unwritten)
-            logger.warning("%s; %d attempts not written to the attempt log", exc.detail, lost)
+            await self._last_flush()
         finally:
             await self._redis.aclose()
             self._redis = None
@@ -279,46 +267,19 @@ class RedisWebhookStore(Store):
 
     # -- the attempt log -----------------------------------------------------------------------
 
-    async def record(self, attempt: Attempt) -> None:
-        """Buffer ``attempt`` for the next flush; waits when the flush has fallen behind."""
-        self._buffer.append(attempt)
-        self._dirty.set()
-        while len(self._buffer) + len(self._unwritten) >= FLUSH_ROWS:
-            self._flushed.clear()
-            await self._flushed.wait()
+    # ``record``, ``run`` and ``flush`` are ``ServerAttemptBuffer``'s; these give ids and write.
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Flush buffered attempts as they come, until ``stopping``; while Redis refuses, log
-        it and try again every ``RETRY_PAUSE`` seconds (the writers wait meanwhile)."""
-        while not stopping.is_set():
-            await _first(self._dirty.wait(), stopping.wait())
-            try:
-                await self.flush()
-            except Unavailable as exc:
-                waiting = len(self._buffer) + len(self._unwritten)
-                logger.warning("%s; %d attempts wait to be written", exc.detail, waiting)
-                self._dirty.set()
-                await _first(asyncio.sleep(RETRY_PAUSE), stopping.wait())
+    async def _with_ids(self, batch: list[Attempt]) -> Iterable[tuple[int, Attempt]]:
+        """Attempt ids for ``batch``: a range allocated at once, so ids grow across nodes."""
+        last = await self._call(
+            "allocating attempt ids", self._db().incrby(f"{self._key}:attempt-id", len(batch))
+        )
+        first = last - len(batch) + 1
+        return zip(range(first, last + 1), batch, strict=True)
 
-    async def flush(self) -> None:
-        async with self._flushing:
-            self._dirty.clear()
-            if self._buffer:
-                batch, self._buffer = self._buffer, []
-                try:
-                    last = await self._call(
-                        "allocating attempt ids",
-                        self._db().incrby(f"{self._key}:attempt-id", len(batch)),
-                    )
-                except BaseException:
-                    self._buffer[:0] = batch
-                    raise
-                first = last - len(batch) + 1
-                self._unwritten.extend(zip(range(first, last + 1), batch, strict=True))
-            if self._unwritten:
-                await self._write(self._unwritten)
-                self._unwritten = []
-            self._flushed.set()
+    async def _write_unwritten(self) -> None:
+        await self._write(self._unwritten)
+        self._unwritten = []
 
     async def _write(self, batch: Sequence[tuple[int, Attempt]]) -> None:
         by_endpoint: dict[str, list[tuple[int, Attempt]]] = {}
@@ -383,13 +344,3 @@ class RedisWebhookStore(Store):
 
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-async def _first(*waits: Awaitable[Any]) -> None:
-    """Until the first of ``waits`` is done; the others are cancelled."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

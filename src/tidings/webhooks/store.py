@@ -15,19 +15,23 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, Unavailable
 from .delivery import Attempt, Endpoint, Retry, Secret
 from .policy import Health, HealthState
 
+logger = logging.getLogger("tidings.webhooks")
+
 T = TypeVar("T")
+Id = TypeVar("Id")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhook_endpoints (id TEXT PRIMARY KEY, spec BLOB NOT NULL)
@@ -60,6 +64,7 @@ CREATE INDEX IF NOT EXISTS webhook_attempts_time ON webhook_attempts (time);
 """
 
 FLUSH_ROWS = 2000  # a writer that gets this far ahead of the flush waits for it
+RETRY_PAUSE = 1.0  # seconds ``run`` waits after the store refused a flush (``Unavailable``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +143,104 @@ class Store(Protocol):
         retention removed (``seq <= low``); returns the attempts removed."""
 
 
+class AttemptBuffer:
+    """The attempt log's buffering, shared by the stores: ``record`` buffers, ``run`` flushes
+    as attempts come, writers wait while the flush is ``FLUSH_ROWS`` behind. ``flush`` is the
+    store's: it writes the buffer and then sets ``_flushed``."""
+
+    def __init__(self) -> None:
+        self._buffer: list[Attempt] = []
+        self._dirty = asyncio.Event()
+        self._flushed = asyncio.Event()
+
+    def _waiting(self) -> int:
+        """How many recorded attempts are not written yet."""
+        return len(self._buffer)
+
+    async def record(self, attempt: Attempt) -> None:
+        """Buffer ``attempt`` for the next flush; waits when the flush has fallen behind."""
+        self._buffer.append(attempt)
+        self._dirty.set()
+        while self._waiting() >= FLUSH_ROWS:
+            self._flushed.clear()
+            await self._flushed.wait()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Flush buffered attempts as they come, until ``stopping``; while the store refuses
+        (``Unavailable``), log it and try again every ``RETRY_PAUSE`` seconds (the writers wait
+        meanwhile)."""
+        while not stopping.is_set():
+            await _first(self._dirty.wait(), stopping.wait())
+            try:
+                await self.flush()
+            except Unavailable as exc:
+                logger.warning("%s; %d attempts wait to be written", exc.detail, self._waiting())
+                self._dirty.set()
+                await _first(asyncio.sleep(RETRY_PAUSE), stopping.wait())
+
+    async def flush(self) -> None:
+        """Write the buffered attempts now, then set ``_flushed``."""
+        raise NotImplementedError
+
+
+class ServerAttemptBuffer(AttemptBuffer, Generic[Id]):
+    """The buffering of a store on a server, which gives each attempt an id (its attempt id, a
+    message id) before writing it: attempts given ids but not written (the server refused them)
+    stay in ``_unwritten``, with their ids, for the next flush, ahead of those recorded since.
+    One flush at a time, so ids follow the record order.
+
+    The store says how a batch gets its ids (``_with_ids``; when that fails, the batch goes
+    back to the buffer) and how ``_unwritten`` is written (``_write_unwritten``; what it could
+    not write stays there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._unwritten: list[tuple[Id, Attempt]] = []  # ids given, not written yet
+        self._flushing = asyncio.Lock()
+
+    def _waiting(self) -> int:
+        return len(self._buffer) + len(self._unwritten)
+
+    async def _with_ids(self, batch: list[Attempt]) -> Iterable[tuple[Id, Attempt]]:
+        raise NotImplementedError
+
+    async def _write_unwritten(self) -> None:
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        async with self._flushing:
+            self._dirty.clear()
+            if self._buffer:
+                batch, self._buffer = self._buffer, []
+                try:
+                    self._unwritten.extend(await self._with_ids(batch))
+                except BaseException:
+                    self._buffer[:0] = batch
+                    raise
+            if self._unwritten:
+                await self._write_unwritten()
+            self._flushed.set()
+
+    async def _last_flush(self) -> None:
+        """Flush before closing: attempts the store refuses now are logged as lost rather than
+        raised, since shutting down must not wait for the server to come back."""
+        try:
+            await self.flush()
+        except Unavailable as exc:
+            lost = self._waiting()
+            logger.warning("%s; %d attempts not written to the attempt log", exc.detail, lost)
+
+
+async def _first(*waits: Awaitable[Any]) -> None:
+    """Until the first of ``waits`` is done; the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 def encode(endpoint: Endpoint) -> bytes:
     health = endpoint.health
     return orjson.dumps(
@@ -180,16 +283,14 @@ def decode(id: str, spec: bytes) -> Endpoint:
     )
 
 
-class WebhookStore:
+class WebhookStore(AttemptBuffer):
     """``path`` is the log's SQLite file, or ``:memory:``."""
 
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = path
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tidings-webhook-store")
         self._conn: sqlite3.Connection | None = None
-        self._buffer: list[Attempt] = []
-        self._dirty = asyncio.Event()
-        self._flushed = asyncio.Event()
 
     async def _on(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -306,26 +407,6 @@ class WebhookStore:
         return [Failed(*row) for row in rows]
 
     # -- the attempt log -----------------------------------------------------------------------
-
-    async def record(self, attempt: Attempt) -> None:
-        """Buffer ``attempt`` for the next flush; waits when the flush has fallen behind."""
-        self._buffer.append(attempt)
-        self._dirty.set()
-        while len(self._buffer) >= FLUSH_ROWS:
-            self._flushed.clear()
-            await self._flushed.wait()
-
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Flush buffered attempts as they come, until ``stopping``."""
-        while not stopping.is_set():
-            dirty = asyncio.ensure_future(self._dirty.wait())
-            stop = asyncio.ensure_future(stopping.wait())
-            try:
-                await asyncio.wait((dirty, stop), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                dirty.cancel()
-                stop.cancel()
-            await self.flush()
 
     async def flush(self) -> None:
         self._dirty.clear()
