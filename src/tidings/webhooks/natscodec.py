@@ -26,13 +26,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 
 from ..log import natscodec as log_codec
 from .delivery import Attempt, Retry
-from .store import Failed, StoredAttempt
+from .store import Failed, StoredAttempt, with_auth
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _HEX = frozenset("0123456789ABCDEF")
@@ -125,12 +125,7 @@ def _masked(url: str) -> str:
         if parts.username is None:
             return url
         # nats://user:password@host, or nats://token@host: a lone user part is a token
-        auth = "***" if parts.password is None else f"{parts.username}:***"
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port is not None else ""
-        return urlunsplit(parts._replace(netloc=f"{auth}@{host}{port}"))
+        return with_auth(parts, "***" if parts.password is None else f"{parts.username}:***")
     except ValueError:
         return "<a NATS URL that cannot be parsed>"
 

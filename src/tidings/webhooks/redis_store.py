@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 import redis.asyncio as redis
@@ -52,7 +52,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..exceptions import ConfigError, Unavailable
 from .delivery import Attempt, Endpoint, Retry
-from .store import Failed, ServerAttemptBuffer, Store, StoredAttempt, decode, encode
+from .store import Failed, ServerAttemptBuffer, Store, StoredAttempt, decode, encode, with_auth
 
 TRIM_BATCH = 1000  # attempts one trim script removes (a script blocks Redis while it runs)
 
@@ -95,12 +95,7 @@ def masked(url: str) -> str:
         parts = urlsplit(url)
         if parts.password is None:
             return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port is not None else ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+        return with_auth(parts, f"{parts.username or ''}:***")
     except ValueError:
         return "<a Redis URL that cannot be parsed>"
 

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
+from urllib.parse import SplitResult, urlunsplit
 
 import orjson
 
@@ -239,6 +240,16 @@ async def _first(*waits: Awaitable[Any]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def with_auth(parts: SplitResult, auth: str) -> str:
+    """The URL of ``parts`` with ``auth`` (a masked ``user:***``) as its user part, for messages
+    and logs; ValueError when its port is not a number."""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit(parts._replace(netloc=f"{auth}@{host}{port}"))
 
 
 def encode(endpoint: Endpoint) -> bytes:
