@@ -233,13 +233,32 @@ def holder(nodes: list[Node]) -> Node | None:
     return holding[0] if holding else None
 
 
-async def test_one_of_three_nodes_runs_the_work_at_a_time(engine: Engine) -> None:
+async def three_nodes_started(engine: Engine, tg: asyncio.TaskGroup) -> tuple[list[Node], Node]:
+    """Nodes a, b and c running the lease's work in ``tg``, once one of them holds it: the
+    nodes, and the one holding."""
     nodes = [await engine.node(label) for label in "abc"]
+    for node in nodes:
+        node.start(tg)
+    await until(lambda: holder(nodes) is not None, "a node holds the lease")
+    first = holder(nodes)
+    assert first is not None
+    return nodes, first
+
+
+async def a_holding_and_b_waiting(engine: Engine, tg: asyncio.TaskGroup) -> tuple[Node, Node]:
+    """Node a, through a proxy (``engine.proxies[-1]``), holding the lease in ``tg``, then node
+    b started, trying for it."""
+    a = await engine.node("a", proxied=True)
+    b = await engine.node("b")
+    a.start(tg)
+    await until(lambda: a.holding, "a holds the lease")
+    b.start(tg)
+    return a, b
+
+
+async def test_one_of_three_nodes_runs_the_work_at_a_time(engine: Engine) -> None:
     async with asyncio.TaskGroup() as tg:
-        for node in nodes:
-            node.start(tg)
-        await until(lambda: holder(nodes) is not None, "a node holds the lease")
-        first = holder(nodes)
+        nodes, first = await three_nodes_started(engine, tg)
         await asyncio.sleep(2 * TTL)  # several renewals, and tries by the others
         assert holder(nodes) is first
         assert first is not None and first.starts == 1 and first.cancels == 0
@@ -253,13 +272,8 @@ async def test_stopping_the_holder_releases_its_lease_and_another_takes_over(
     engine: Engine,
 ) -> None:
     # On NATS the release leaves a delete marker, which the next create must accept.
-    nodes = [await engine.node(label) for label in "abc"]
     async with asyncio.TaskGroup() as tg:
-        for node in nodes:
-            node.start(tg)
-        await until(lambda: holder(nodes) is not None, "a node holds the lease")
-        first = holder(nodes)
-        assert first is not None
+        nodes, first = await three_nodes_started(engine, tg)
         await first.stop()
         assert not first.holding and first.cancels == 1
         value = await engine.value(LEASE)
@@ -273,12 +287,8 @@ async def test_stopping_the_holder_releases_its_lease_and_another_takes_over(
 async def test_a_holder_that_vanishes_without_releasing_is_replaced_within_the_ttl(
     engine: Engine,
 ) -> None:
-    a = await engine.node("a", proxied=True)
-    b = await engine.node("b")
     async with asyncio.TaskGroup() as tg:
-        a.start(tg)
-        await until(lambda: a.holding, "a holds the lease")
-        b.start(tg)
+        a, b = await a_holding_and_b_waiting(engine, tg)
         # As kill -9 does: the connection drops, and nothing is released.
         engine.proxies[-1].cut()
         assert a.task is not None
@@ -294,12 +304,8 @@ async def test_a_holder_that_vanishes_without_releasing_is_replaced_within_the_t
 async def test_a_holder_cut_off_from_the_engine_cancels_its_work_and_another_takes_over(
     engine: Engine,
 ) -> None:
-    a = await engine.node("a", proxied=True)
-    b = await engine.node("b")
     async with asyncio.TaskGroup() as tg:
-        a.start(tg)
-        await until(lambda: a.holding, "a holds the lease")
-        b.start(tg)
+        a, b = await a_holding_and_b_waiting(engine, tg)
         engine.proxies[-1].cut()
         await until(lambda: a.cancels == 1 and not a.holding, "a gave up its unrenewed lease")
         await until(lambda: b.holding, "b took over once a's lease expired")
