@@ -9,8 +9,9 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import nats
 import nats.js.errors
@@ -269,9 +270,8 @@ async def test_pages_of_a_long_attempt_log_are_those_of_one_full_read(store: Sto
     assert await store.attempts("ep_1", 150, one[2].id, 2) == one[3:5]
 
 
-# SQLite only: the file reopened. The Redis and NATS counterparts are
-# test_a_second_node_sees_what_the_first_stored and
-# test_a_second_nats_node_sees_what_the_first_stored.
+# SQLite only: the file reopened. The Redis and NATS counterpart is
+# test_a_second_node_sees_what_the_first_stored.
 async def test_the_file_keeps_it_all_across_a_reopen(tmp_path: Any) -> None:
     path = os.path.join(str(tmp_path), "t.db")
     first = WebhookStore(path)
@@ -290,17 +290,31 @@ async def test_the_file_keeps_it_all_across_a_reopen(tmp_path: Any) -> None:
         await second.close()
 
 
-# -- Redis only: a store several nodes share --------------------------------------------------
+# -- Redis and NATS: a store several nodes share ----------------------------------------------
+
+
+S = TypeVar("S", bound=Store)
 
 
 @contextlib.asynccontextmanager
-async def redis_store(prefix: str, url: str = REDIS_URL) -> AsyncIterator[RedisWebhookStore]:
-    opened = RedisWebhookStore(url, prefix)
-    await opened.open()
+async def opened(store: S) -> AsyncIterator[S]:
+    await store.open()
     try:
-        yield opened
+        yield store
     finally:
-        await opened.close()
+        await store.close()
+
+
+def redis_store(
+    prefix: str, url: str = REDIS_URL
+) -> contextlib.AbstractAsyncContextManager[RedisWebhookStore]:
+    return opened(RedisWebhookStore(url, prefix))
+
+
+def nats_store(
+    prefix: str, url: str = NATS_URL
+) -> contextlib.AbstractAsyncContextManager[NatsWebhookStore]:
+    return opened(NatsWebhookStore(url, prefix))
 
 
 async def keys_of(prefix: str) -> list[str]:
@@ -309,138 +323,6 @@ async def keys_of(prefix: str) -> list[str]:
         return sorted([key async for key in client.scan_iter(match=f"{prefix}:*")])
     finally:
         await client.aclose()
-
-
-async def test_a_second_node_sees_what_the_first_stored() -> None:
-    async with (
-        scratch_prefix() as prefix,
-        redis_store(prefix) as first,
-        redis_store(prefix) as second,
-    ):
-        await first.put(endpoint())
-        await first.set_retry("ep_1", Retry(4, 3, 9.0))
-        await first.settle("ep_1", 5, Failed(5, 1.0, "503"))
-        for seq in (1, 2):
-            await first.record(attempt(seq))
-            await second.record(attempt(seq, number=1))
-            await first.flush()
-            await second.flush()
-        assert await second.endpoints() == [endpoint()]
-        assert await second.retries("ep_1") == [Retry(4, 3, 9.0)]
-        assert await second.failed("ep_1", 0, 10, 10) == [Failed(5, 1.0, "503")]
-        seen = [(a.seq, a.number) for a in await first.attempts("ep_1", None, None, 10)]
-        assert seen == [(2, 1), (2, 0), (1, 1), (1, 0)]  # ids follow the order of the flushes
-        await second.delete("ep_1")
-        assert await first.endpoints() == []
-        assert await first.attempts("ep_1", None, None, 10) == []
-
-
-async def test_keys_stay_under_the_prefix_and_delete_leaves_none_of_the_endpoint() -> None:
-    async with scratch_prefix() as prefix, redis_store(prefix) as store:
-        for id in ("ep_1", "ep_1:retries"):  # an id that looks like a key suffix
-            await store.put(endpoint(id))
-            await store.set_retry(id, Retry(1, 1, 1.0))
-            await store.settle(id, 2, Failed(2, 1.0, "x"))
-            await store.record(attempt(1, on=id))
-        await store.flush()
-        assert all(key.startswith(f"{prefix}:wh:") for key in await keys_of(prefix))
-        await store.delete("ep_1:retries")
-        assert await store.retries("ep_1") == [Retry(1, 1, 1.0)]
-        assert [e.id for e in await store.endpoints()] == ["ep_1"]
-        await store.delete("ep_1")
-        assert await keys_of(prefix) == [f"{prefix}:wh:attempt-id"]
-
-
-async def test_trim_removes_attempts_in_batches_across_endpoints() -> None:
-    async with scratch_prefix() as prefix, redis_store(prefix) as store:
-        for seq in range(2500):
-            await store.record(attempt(seq, when=float(seq), on=f"ep_{seq % 2}"))
-            if seq % 1000 == 999:
-                await store.flush()  # no run(): record would wait at FLUSH_ROWS
-        await store.flush()
-        assert await store.trim(before=2200.0) == 2200
-        assert len(await store.attempts("ep_0", None, None, -1)) == 150
-        assert await store.trim(before=1e12) == 300
-        assert await keys_of(prefix) == [f"{prefix}:wh:attempt-id"]
-
-
-async def test_an_unreachable_redis_fails_open_with_one_line_naming_it() -> None:
-    dead = "redis://:s3cret@127.0.0.1:1/0"
-    with pytest.raises(ConfigError) as raised:
-        await RedisWebhookStore(dead).open()
-    message = raised.value.detail
-    assert "Redis" in message and "redis://:***@127.0.0.1:1/0" in message, message
-    assert "s3cret" not in message and "\n" not in message
-    with pytest.raises(ConfigError, match="not a Redis URL"):
-        await RedisWebhookStore("http://127.0.0.1:6379").open()
-
-
-async def test_a_lost_connection_is_unavailable_and_the_flush_catches_up_after_it(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    proxy = TCPProxy(*REDIS).start()
-    url = f"redis://{proxy.address}/0"
-    try:
-        async with (
-            scratch_prefix() as prefix,
-            redis_store(prefix, url) as store,
-            redis_store(prefix) as reader,
-        ):
-            stopping = asyncio.Event()
-            flusher = asyncio.create_task(store.run(stopping))
-            await store.put(endpoint())
-            proxy.cut()
-            for write in (store.put(endpoint()), store.set_retry("ep_1", Retry(1, 1, 1.0)),
-                          store.settle("ep_1", 1, None), store.endpoints()):  # fmt: skip
-                with pytest.raises(Unavailable, match=f"cannot reach Redis at {url}"):
-                    await write
-            for seq in (1, 2, 3):
-                await store.record(attempt(seq))
-            await until(lambda: _true("attempts wait to be written" in caplog.text), "a warning")
-            proxy.heal()
-
-            async def written() -> int:
-                return len(await reader.attempts("ep_1", None, None, 10))
-
-            assert await until(written, "the buffered attempts written") == 3
-            stopping.set()
-            await flusher
-            assert [a.seq for a in await store.attempts("ep_1", None, None, 10)] == [3, 2, 1]
-    finally:
-        proxy.stop()
-
-
-async def test_closing_while_redis_is_unreachable_logs_the_lost_attempts(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    proxy = TCPProxy(*REDIS).start()
-    try:
-        async with scratch_prefix() as prefix:
-            store = RedisWebhookStore(f"redis://{proxy.address}/0", prefix)
-            await store.open()
-            await store.record(attempt(1))
-            proxy.cut()
-            await store.close()  # shutting down does not wait for Redis
-            assert "1 attempts not written" in caplog.text
-    finally:
-        proxy.stop()
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
-# -- NATS only: a store several nodes share ---------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def nats_store(prefix: str, url: str = NATS_URL) -> AsyncIterator[NatsWebhookStore]:
-    opened = NatsWebhookStore(url, prefix)
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def messages_of(prefix: str) -> dict[str, int]:
@@ -457,11 +339,50 @@ async def messages_of(prefix: str) -> dict[str, int]:
         await nc.close()
 
 
-async def test_a_second_nats_node_sees_what_the_first_stored() -> None:
+@dataclass(frozen=True)
+class Shared:
+    """One engine of the stores several nodes share, for the tests both pass."""
+
+    name: str  # as the store's messages name it
+    service: tuple[str, int]
+    prefix: Callable[[], contextlib.AbstractAsyncContextManager[str]]
+    store: Callable[..., contextlib.AbstractAsyncContextManager[Store]]  # (prefix, url=), open
+    make: Callable[[str, str], Store]  # (url, prefix), not open
+    url: Callable[[str], str]  # the store's URL for a host:port
+
+    async def assert_nothing_left(self, prefix: str) -> None:
+        """Nothing of the deployment's attempts, endpoints and events is stored."""
+        if self.name == "Redis":
+            assert await keys_of(prefix) == [f"{prefix}:wh:attempt-id"]
+        else:
+            assert set((await messages_of(prefix)).values()) == {0}
+
+
+@pytest.fixture(params=["redis", "nats"])
+def shared(request: Any) -> Shared:
+    if request.param == "redis":
+        return Shared("Redis", REDIS, scratch_prefix, redis_store, RedisWebhookStore,
+                      lambda at: f"redis://{at}/0")  # fmt: skip
+    require_service(*NATS, "NATS")
+    return Shared("NATS", NATS, nats_prefix, nats_store, NatsWebhookStore,
+                  lambda at: f"nats://{at}")  # fmt: skip
+
+
+async def store_some_of_everything(store: Store, *ids: str) -> None:
+    """An endpoint, a retry, a failed mark and an attempt of each of ``ids``, all flushed."""
+    for id in ids:
+        await store.put(endpoint(id))
+        await store.set_retry(id, Retry(1, 1, 1.0))
+        await store.settle(id, 2, Failed(2, 1.0, "x"))
+        await store.record(attempt(1, on=id))
+    await store.flush()
+
+
+async def test_a_second_node_sees_what_the_first_stored(shared: Shared) -> None:
     async with (
-        nats_prefix() as prefix,
-        nats_store(prefix) as first,
-        nats_store(prefix) as second,
+        shared.prefix() as prefix,
+        shared.store(prefix) as first,
+        shared.store(prefix) as second,
     ):
         await first.put(endpoint())
         await first.set_retry("ep_1", Retry(4, 3, 9.0))
@@ -476,7 +397,8 @@ async def test_a_second_nats_node_sees_what_the_first_stored() -> None:
         assert await second.failed("ep_1", 0, 10, 10) == [Failed(5, 1.0, "503")]
         seen = [(a.seq, a.number) for a in await first.attempts("ep_1", None, None, 10)]
         assert seen == [(2, 1), (2, 0), (1, 1), (1, 0)]  # ids follow the order of the flushes
-        await second.set_retry("ep_1", Retry(4, 4, 10.0))  # first's remembered revision is old
+        # On NATS, the revision first remembers of its own write is old now.
+        await second.set_retry("ep_1", Retry(4, 4, 10.0))
         await first.set_retry("ep_1", Retry(4, 5, 11.0))
         assert await second.retries("ep_1") == [Retry(4, 5, 11.0)]
         await second.delete("ep_1")
@@ -484,15 +406,112 @@ async def test_a_second_nats_node_sees_what_the_first_stored() -> None:
         assert await first.attempts("ep_1", None, None, 10) == []
 
 
+async def test_trim_removes_the_oldest_attempts_across_endpoints(shared: Shared) -> None:
+    # Redis removes them a batch (TRIM_BATCH) at a time, NATS purges the oldest run.
+    async with shared.prefix() as prefix, shared.store(prefix) as store:
+        for seq in range(2500):
+            await store.record(attempt(seq, when=float(seq), on=f"ep_{seq % 2}"))
+            if seq % 1000 == 999:
+                await store.flush()  # no run(): record would wait at FLUSH_ROWS
+        await store.flush()
+        assert await store.trim(before=2200.0) == 2200
+        assert len(await store.attempts("ep_0", None, None, -1)) == 150
+        assert await store.trim(before=1e12) == 300
+        await shared.assert_nothing_left(prefix)
+
+
+async def test_a_lost_connection_is_unavailable_and_the_flush_catches_up_after_it(
+    shared: Shared, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = TCPProxy(*shared.service).start()
+    url = shared.url(proxy.address)
+    try:
+        async with (
+            shared.prefix() as prefix,
+            shared.store(prefix, url) as store,
+            shared.store(prefix) as reader,
+        ):
+            stopping = asyncio.Event()
+            flusher = asyncio.create_task(store.run(stopping))
+            await store.put(endpoint())
+            proxy.cut()
+            for write in (store.put(endpoint()), store.set_retry("ep_1", Retry(1, 1, 1.0)),
+                          store.settle("ep_1", 1, None), store.endpoints(),
+                          store.failed("ep_1", 0, 10, 10)):  # fmt: skip
+                with pytest.raises(Unavailable, match=f"cannot reach {shared.name} at {url}"):
+                    await write
+            for seq in (1, 2, 3):
+                await store.record(attempt(seq))
+            await until(lambda: _true("attempts wait to be written" in caplog.text), "a warning")
+            proxy.heal()
+
+            async def written() -> int:
+                return len(await reader.attempts("ep_1", None, None, 10))
+
+            assert await until(written, "the buffered attempts written") == 3
+            stopping.set()
+            await flusher
+            assert [a.seq for a in await store.attempts("ep_1", None, None, 10)] == [3, 2, 1]
+            await store.set_retry("ep_1", Retry(1, 1, 1.0))  # the connection is back
+            assert await reader.retries("ep_1") == [Retry(1, 1, 1.0)]
+    finally:
+        proxy.stop()
+
+
+async def test_closing_while_the_engine_is_unreachable_logs_the_lost_attempts(
+    shared: Shared, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = TCPProxy(*shared.service).start()
+    try:
+        async with shared.prefix() as prefix:
+            store = shared.make(shared.url(proxy.address), prefix)
+            await store.open()
+            await store.record(attempt(1))
+            proxy.cut()
+            started = time.monotonic()
+            await store.close()  # shutting down does not wait for the engine
+            assert time.monotonic() - started < 2
+            assert "1 attempts not written" in caplog.text
+    finally:
+        proxy.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# -- Redis only -------------------------------------------------------------------------------
+
+
+async def test_keys_stay_under_the_prefix_and_delete_leaves_none_of_the_endpoint() -> None:
+    async with scratch_prefix() as prefix, redis_store(prefix) as store:
+        await store_some_of_everything(store, "ep_1", "ep_1:retries")  # one like a key suffix
+        assert all(key.startswith(f"{prefix}:wh:") for key in await keys_of(prefix))
+        await store.delete("ep_1:retries")
+        assert await store.retries("ep_1") == [Retry(1, 1, 1.0)]
+        assert [e.id for e in await store.endpoints()] == ["ep_1"]
+        await store.delete("ep_1")
+        assert await keys_of(prefix) == [f"{prefix}:wh:attempt-id"]
+
+
+async def test_an_unreachable_redis_fails_open_with_one_line_naming_it() -> None:
+    dead = "redis://:s3cret@127.0.0.1:1/0"
+    with pytest.raises(ConfigError) as raised:
+        await RedisWebhookStore(dead).open()
+    message = raised.value.detail
+    assert "Redis" in message and "redis://:***@127.0.0.1:1/0" in message, message
+    assert "s3cret" not in message and "\n" not in message
+    with pytest.raises(ConfigError, match="not a Redis URL"):
+        await RedisWebhookStore("http://127.0.0.1:6379").open()
+
+
+# -- NATS only --------------------------------------------------------------------------------
+
+
 async def test_names_stay_under_the_prefix_and_delete_leaves_nothing_of_the_endpoint() -> None:
     async with nats_prefix() as prefix, nats_store(prefix) as store:
         ids = ("ep_1", "ep_1:retries", "ep_1.x", "ep_1.>", "ep_1*")  # ids that look like wildcards
-        for id in ids:
-            await store.put(endpoint(id))
-            await store.set_retry(id, Retry(1, 1, 1.0))
-            await store.settle(id, 2, Failed(2, 1.0, "x"))
-            await store.record(attempt(1, on=id))
-        await store.flush()
+        await store_some_of_everything(store, *ids)
         nc = await nats.connect(NATS_URL)
         try:
             mine = {i.config.name for i in await nc.jetstream().streams_info() if
@@ -506,19 +525,6 @@ async def test_names_stay_under_the_prefix_and_delete_leaves_nothing_of_the_endp
             assert len(await store.attempts("ep_1", None, None, 10)) == 1
         assert [e.id for e in await store.endpoints()] == ["ep_1"]
         await store.delete("ep_1")
-        assert set((await messages_of(prefix)).values()) == {0}
-
-
-async def test_trim_purges_the_oldest_attempts_across_endpoints() -> None:
-    async with nats_prefix() as prefix, nats_store(prefix) as store:
-        for seq in range(2500):
-            await store.record(attempt(seq, when=float(seq), on=f"ep_{seq % 2}"))
-            if seq % 1000 == 999:
-                await store.flush()  # no run(): record would wait at FLUSH_ROWS
-        await store.flush()
-        assert await store.trim(before=2200.0) == 2200
-        assert len(await store.attempts("ep_0", None, None, -1)) == 150
-        assert await store.trim(before=1e12) == 300
         assert set((await messages_of(prefix)).values()) == {0}
 
 
@@ -564,59 +570,3 @@ async def test_an_unreachable_nats_fails_open_with_one_line_naming_it() -> None:
         await NatsWebhookStore("http://127.0.0.1:4222").open()
     with pytest.raises(ConfigError, match="prefix"):
         NatsWebhookStore(NATS_URL, "no spaces")
-
-
-async def test_a_lost_nats_connection_is_unavailable_and_the_flush_catches_up_after_it(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    proxy = TCPProxy(*NATS).start()
-    url = f"nats://{proxy.address}"
-    try:
-        async with (
-            nats_prefix() as prefix,
-            nats_store(prefix, url) as store,
-            nats_store(prefix) as reader,
-        ):
-            stopping = asyncio.Event()
-            flusher = asyncio.create_task(store.run(stopping))
-            await store.put(endpoint())
-            proxy.cut()
-            for write in (store.put(endpoint()), store.set_retry("ep_1", Retry(1, 1, 1.0)),
-                          store.settle("ep_1", 1, None), store.endpoints(),
-                          store.failed("ep_1", 0, 10, 10)):  # fmt: skip
-                with pytest.raises(Unavailable, match=f"cannot reach NATS at {url}"):
-                    await write
-            for seq in (1, 2, 3):
-                await store.record(attempt(seq))
-            await until(lambda: _true("attempts wait to be written" in caplog.text), "a warning")
-            proxy.heal()
-
-            async def written() -> int:
-                return len(await reader.attempts("ep_1", None, None, 10))
-
-            assert await until(written, "the buffered attempts written") == 3
-            stopping.set()
-            await flusher
-            assert [a.seq for a in await store.attempts("ep_1", None, None, 10)] == [3, 2, 1]
-            await store.set_retry("ep_1", Retry(1, 1, 1.0))  # the connection is back
-            assert await reader.retries("ep_1") == [Retry(1, 1, 1.0)]
-    finally:
-        proxy.stop()
-
-
-async def test_closing_while_nats_is_unreachable_logs_the_lost_attempts(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    proxy = TCPProxy(*NATS).start()
-    try:
-        async with nats_prefix() as prefix:
-            store = NatsWebhookStore(f"nats://{proxy.address}", prefix)
-            await store.open()
-            await store.record(attempt(1))
-            proxy.cut()
-            started = time.monotonic()
-            await store.close()  # shutting down does not wait for NATS
-            assert time.monotonic() - started < 2
-            assert "1 attempts not written" in caplog.text
-    finally:
-        proxy.stop()
