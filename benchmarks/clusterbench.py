@@ -26,8 +26,10 @@ The generator is one process pinned to the last core(s) (uvloop, the lean client
 node is pinned to the first core with ``--pin split`` (default, as benchmarks/run.py does: the
 nodes' CPU is one core whatever their number), or left to the scheduler with ``--pin none``. The
 engine's server is never touched; its CPU is read from /proc. Prints a table per workload and,
-with ``--json PATH``, writes every measurement. Exit status 1 when a run had errors, losses or
-duplicates.
+with ``--json PATH``, writes every measurement (``--tables`` prints saved ones together). A run
+with more than ``--noisy`` of a core of other load in a measured window (another process on the
+machine) is run again, and table cells range over the runs whose window was quiet. Exit status 1
+when a run had errors, losses or duplicates.
 """
 
 from __future__ import annotations
@@ -546,7 +548,25 @@ FANOUT_COLUMNS = [
 ]
 
 
-def table(runs: list[dict[str, Any]], columns: list[tuple[str, str, int]]) -> str:
+def phase(path: str) -> str:
+    """The measured window a column's value comes from."""
+    for prefix in ("fanout.paced", "fanout.closed_loop"):
+        if path.startswith(prefix + "."):
+            return prefix
+    return path.split(".", 1)[0]
+
+
+def cell(done: list[dict[str, Any]], path: str, digits: int, noisy: float) -> str:
+    """The range of ``path`` over the runs whose window for it was quiet (other load at most
+    ``noisy``); over all of them, marked ``*``, when none was."""
+    other = f"{phase(path)}.other_cpu_util"
+    quiet_runs = [r for r in done if (get(r, other) or 0.0) <= noisy]
+    if quiet_runs:
+        return span_of([get(r, path) for r in quiet_runs], digits)
+    return span_of([get(r, path) for r in done], digits) + "*"
+
+
+def table(runs: list[dict[str, Any]], columns: list[tuple[str, str, int]], noisy: float) -> str:
     keys: list[tuple[str, int]] = []
     for r in runs:
         if (r["engine"], r["nodes"]) not in keys:
@@ -560,15 +580,7 @@ def table(runs: list[dict[str, Any]], columns: list[tuple[str, str, int]]) -> st
             why = mine[0].get("skipped") or mine[0].get("failed") or ""
             rows.append([engine, str(n), f"({why[:90]})"])
             continue
-        quiet_runs = [r for r in done if not r.get("noisy")]
-        label = f"{n}" if quiet_runs else f"{n}*"  # only noisy runs: shown, marked
-        rows.append(
-            [
-                engine,
-                label,
-                *(span_of([get(r, path) for r in quiet_runs or done], d) for _, path, d in columns),
-            ]
-        )
+        rows.append([engine, str(n), *(cell(done, path, d, noisy) for _, path, d in columns)])
     widths = [
         max(len(row[i]) for row in [header, *rows] if i < len(row)) for i in range(len(header))
     ]
@@ -589,20 +601,28 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"\n== publish: {args.publishers} connections x {args.depth} in flight, "
             f"{args.size}-byte events, {args.duration:g} s =="
         )
-        print(table(runs, PUBLISH_COLUMNS))
+        print(table(runs, PUBLISH_COLUMNS, args.noisy))
     if "fanout" in args.workloads:
         print(
             f"\n== fan-out: {paced} for {args.fanout_duration:g} s "
             f"(offered {args.rate * args.subscribers:,.0f} deliveries/s); closed loop "
             f"{args.closed_duration:g} s =="
         )
-        print(table(runs, FANOUT_COLUMNS))
+        print(table(runs, FANOUT_COLUMNS, args.noisy))
     print(
         "\nCPU columns are cores' worth: nodes together, the engine's server, the generator, and "
-        "the rest of the machine (softirq, other processes). Ranges over the quiet runs of "
-        f"{args.repeat} repeat(s) (other load <= {args.noisy:g} core; nodes marked * had only "
-        "noisy runs); every run is in the JSON (--json)."
+        "the rest of the machine (other processes; softirq apart, in the JSON). Ranges over "
+        f"the runs whose window for the column had other load <= {args.noisy:g} core (* : none "
+        "had, every run shown); every run is in the JSON (--json)."
     )
+    commits = sorted(
+        {
+            (r.get("source") or {}).get("commit", "?")
+            + ("+" + ",".join(m) if (m := (r.get("source") or {}).get("modified")) else "")
+            for r in runs
+        }
+    )
+    print(f"{len(runs)} runs of tidings {'; '.join(commits)}")
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -689,6 +709,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", default="", help="write every measurement here")
     p.add_argument(
+        "--tables",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: print the tables of runs saved with --json (several files: together)",
+    )
+    p.add_argument(
         "--on-start",
         default="",
         help="shell command run per node once a deployment is up ({pid}, {port}, {node}, "
@@ -747,6 +773,14 @@ async def main_async(args: argparse.Namespace, node_cores: list[int]) -> list[di
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tables:  # no run: the tables of saved runs, together
+        docs = [json.loads(Path(f).read_text()) for f in args.tables]
+        for key, value in docs[0]["params"].items():
+            if key not in ("tables", "noisy"):
+                setattr(args, key, value)
+        runs = [{"source": doc["machine"]["source"], **run} for doc in docs for run in doc["runs"]]
+        report(runs, args)
+        return 0
     node_cores, generator_cores = default_placement() if args.pin == "split" else ([], [])
     if generator_cores:
         os.sched_setaffinity(0, set(generator_cores))
