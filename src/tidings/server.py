@@ -34,7 +34,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from . import brokers, relays
 from . import log as logs
 from .auth import Authenticator, JWKSCache, JWTSettings, KeyStore
-from .config import AuthSettings, Settings
+from .config import CLUSTER_SCHEMES, AuthSettings, Settings
 from .exceptions import ConfigError
 from .hub import Hub
 from .leases import Leases, leases_for
@@ -63,7 +63,7 @@ def make_log(settings: Settings) -> Log:
     }
     if cfg.backend == "sqlite":
         common.update(path=cfg.path, durability=cfg.durability)
-    elif cfg.backend in ("redis", "nats"):
+    elif clustered(settings):
         common.update(url=cfg.url, prefix=cfg.prefix, replicas=cfg.replicas)
     log: Log = factory(**common)
     return log
@@ -71,7 +71,7 @@ def make_log(settings: Settings) -> Log:
 
 def clustered(settings: Settings) -> bool:
     """Whether this node shares its log with others (and so runs durable consumers once)."""
-    return settings.log.backend in ("redis", "nats")
+    return settings.log.backend in CLUSTER_SCHEMES
 
 
 def make_leases(settings: Settings) -> Leases | None:
